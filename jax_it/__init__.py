@@ -1,0 +1,1 @@
+"""jax_it: LoRA instruction tuning of Gemma in JAX."""

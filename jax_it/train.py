@@ -1,0 +1,248 @@
+"""Loss, optimizer and the data-parallel LoRA train step."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from jax_it import model
+from jax_it.lora import Lora
+from jax_it.model import ModelConfig, Params
+
+DATA_AXIS = "data"
+BATCH_KEYS = ("tokens", "targets", "positions", "segment_ids", "loss_idx", "loss_w")
+
+
+@dataclasses.dataclass(frozen=True)
+class StepOptions:
+  """Static knobs of the train step."""
+
+  micro_batches: int = 1  # gradient accumulation: the global batch is split into this many parts
+  loss_chunk: int = 512  # rows of the output projection computed at once
+  remat: bool = False  # recompute each layer in the backward pass instead of storing it
+  parallel: str = "data"  # "data": replicated base, shard_map over 'data'; "sharded": GSPMD
+
+
+# ---------------------------------------------------------------------------------------------
+# Batches
+
+
+def add_loss_index(batch: dict, multiple: int = 64, capacity: int | None = None) -> dict:
+  """Add per-row indices of loss positions, so only those rows reach the output projection.
+
+  loss_idx [B, C] holds each row's loss positions, padded with 0 and weight 0 in loss_w [B, C];
+  C is the longest row's count rounded up to `multiple` (few distinct shapes, few recompiles).
+  """
+  mask = np.asarray(batch["loss_mask"]) > 0
+  B, T = mask.shape
+  if capacity is None:
+    capacity = min(T, -(-max(int(mask.sum(1).max()), 1) // multiple) * multiple)
+  idx = np.zeros((B, capacity), np.int32)
+  w = np.zeros((B, capacity), np.float32)
+  for row in range(B):
+    pos = np.flatnonzero(mask[row])[:capacity]
+    idx[row, :len(pos)] = pos
+    w[row, :len(pos)] = 1.0
+  out = {k: np.asarray(batch[k], np.int32) for k in ("tokens", "targets", "positions",
+                                                     "segment_ids")}
+  return dict(out, loss_idx=idx, loss_w=w)
+
+
+def loss_capacity(batch: dict, multiple: int = 64) -> int:
+  mask = np.asarray(batch["loss_mask"]) > 0
+  return min(mask.shape[1], -(-max(int(mask.sum(1).max()), 1) // multiple) * multiple)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loss
+
+
+def _chunk_nll(params, h, targets, weights, cfg):
+  logits = model.logits_from_hidden(params, h, cfg)  # [chunk, V] float32
+  lse = jax.nn.logsumexp(logits, axis=-1)
+  picked = jnp.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]
+  return jnp.sum((lse - picked) * weights)
+
+
+def chunked_nll(params: Params, h: jax.Array, targets: jax.Array, weights: jax.Array,
+                cfg: ModelConfig, chunk: int) -> jax.Array:
+  """Sum of weighted next-token NLL over rows of h [R, D], `chunk` rows of logits at a time.
+
+  Each chunk is rematerialised, so the backward pass never holds more than one [chunk, V]
+  block of float32 logits.
+  """
+  R, D = h.shape
+  chunk = min(chunk, R)
+  pad = -R % chunk
+  if pad:
+    h = jnp.pad(h, ((0, pad), (0, 0)))
+    targets, weights = jnp.pad(targets, (0, pad)), jnp.pad(weights, (0, pad))
+  n = (R + pad) // chunk
+  fn = jax.checkpoint(functools.partial(_chunk_nll, cfg=cfg))
+
+  def body(total, xs):
+    return total + fn(params, *xs), None
+
+  total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32),
+                          (h.reshape(n, chunk, D), targets.reshape(n, chunk),
+                           weights.reshape(n, chunk)))
+  return total
+
+
+def loss_sum(lora: Lora | None, params: Params, batch: dict, cfg: ModelConfig,
+             opts: StepOptions = StepOptions(), dropout_key=None):
+  """(sum of NLL over the batch's loss positions, their count) for one micro-batch."""
+  hidden = model.hidden_states(params, batch["tokens"], cfg, lora=lora,
+                               positions=batch["positions"], segment_ids=batch["segment_ids"],
+                               remat=opts.remat, dropout_key=dropout_key)
+  idx = batch["loss_idx"]
+  h = jnp.take_along_axis(hidden, idx[..., None], axis=1)  # [B, C, D]
+  targets = jnp.take_along_axis(batch["targets"], idx, axis=1)
+  w = batch["loss_w"].astype(jnp.float32)
+  nll = chunked_nll(params, h.reshape(-1, h.shape[-1]), targets.reshape(-1), w.reshape(-1),
+                    cfg, opts.loss_chunk)
+  return nll, jnp.sum(w)
+
+
+def mean_loss(lora, params, batch, cfg, opts: StepOptions = StepOptions()):
+  """Mean NLL per loss token (evaluation; no dropout)."""
+  nll, n = loss_sum(lora, params, batch, cfg, opts)
+  return nll / jnp.maximum(n, 1.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Optimizer
+
+
+def make_schedule(lr: float, total_steps: int, warmup_steps: int = 0, kind: str = "linear"):
+  """Warmup from 0, then linear or cosine decay to 0 at total_steps (or constant)."""
+  decay_steps = max(total_steps - warmup_steps, 1)
+  if kind == "linear":
+    decay = optax.linear_schedule(lr, 0.0, decay_steps)
+  elif kind == "cosine":
+    decay = optax.cosine_decay_schedule(lr, decay_steps)
+  elif kind == "constant":
+    decay = optax.constant_schedule(lr)
+  else:
+    raise ValueError(f"unknown schedule {kind!r}; expected linear, cosine or constant")
+  if warmup_steps <= 0:
+    return decay
+  warmup = optax.linear_schedule(0.0, lr, warmup_steps)
+  return optax.join_schedules([warmup, decay], [warmup_steps])
+
+
+def make_optimizer(schedule, weight_decay: float = 0.0, clip_norm: float | None = 1.0,
+                   b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8):
+  """AdamW (decoupled weight decay, as torch.optim.AdamW) after global-norm clipping."""
+  parts = [optax.clip_by_global_norm(clip_norm)] if clip_norm else []
+  parts.append(optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay))
+  return optax.chain(*parts)
+
+
+# ---------------------------------------------------------------------------------------------
+# The train step
+
+
+def make_mesh(devices=None) -> jax.sharding.Mesh:
+  devices = jax.devices() if devices is None else devices
+  return jax.sharding.Mesh(np.asarray(devices), (DATA_AXIS,))
+
+
+def _split_micro(batch: dict, m: int) -> dict:
+  return jax.tree.map(lambda x: x.reshape(m, x.shape[0] // m, *x.shape[1:]), batch)
+
+
+def _grad_sums(lora, params, batch, key, cfg, opts):
+  """Summed (not averaged) LoRA gradients, NLL and token count over the micro-batches."""
+  micro = _split_micro(batch, opts.micro_batches)
+  keys = jax.random.split(key, opts.micro_batches)
+
+  def body(carry, xs):
+    g_acc, nll_acc, n_acc = carry
+    b, k = xs
+    (nll, n), g = jax.value_and_grad(loss_sum, has_aux=True)(lora, params, b, cfg, opts, k)
+    return (jax.tree.map(jnp.add, g_acc, g), nll_acc + nll, n_acc + n), None
+
+  zeros = jax.tree.map(jnp.zeros_like, lora)
+  init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+  (g, nll, n), _ = jax.lax.scan(body, init, (micro, keys))
+  return g, nll, n
+
+
+def make_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation,
+                    mesh: jax.sharding.Mesh | None = None, opts: StepOptions = StepOptions()):
+  """Build `train_step(lora, opt_state, params, batch, key=None) -> (lora, opt_state, metrics)`.
+
+  The loss is the mean over every loss token of the global batch: per-device NLL sums and
+  token counts are summed over the 'data' axis (psum) and divided once, so the result does not
+  depend on how the batch is split over devices or micro-batches. lora and opt_state are donated.
+  """
+  mesh = make_mesh() if mesh is None else mesh
+  if opts.parallel == "data":
+    def per_device(lora, params, batch, key):
+      key = jax.random.fold_in(key, jax.lax.axis_index(DATA_AXIS))
+      g, nll, n = _grad_sums(lora, params, batch, key, cfg, opts)
+      return jax.lax.psum((g, nll, n), DATA_AXIS)
+
+    # check_vma off: the accumulators start replicated and become per-device inside the scans;
+    # the explicit psum makes the outputs replicated again.
+    grad_sums = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(), P(DATA_AXIS), P()),
+                              out_specs=P(), check_vma=False)
+  elif opts.parallel == "sharded":
+    grad_sums = functools.partial(_grad_sums, cfg=cfg, opts=opts)
+  else:
+    raise ValueError(f"unknown parallel mode {opts.parallel!r}; expected 'data' or 'sharded'")
+
+  def step(lora, opt_state, params, batch, key):
+    g, nll, n = grad_sums(lora, params, batch, key)
+    n = jnp.maximum(n, 1.0)
+    grads = jax.tree.map(lambda x: x / n, g)
+    updates, opt_state = optimizer.update(grads, opt_state, lora)
+    lora = optax.apply_updates(lora, updates)
+    metrics = {"loss": nll / n, "tokens": n, "grad_norm": optax.global_norm(grads)}
+    return lora, opt_state, metrics
+
+  jitted = jax.jit(step, donate_argnums=(0, 1))
+
+  def train_step(lora, opt_state, params, batch, key=None):
+    key = jax.random.key(0) if key is None else key
+    return jitted(lora, opt_state, params, batch, key)
+
+  return train_step
+
+
+# ---------------------------------------------------------------------------------------------
+# Placement
+
+
+def replicate(tree, mesh: jax.sharding.Mesh):
+  return jax.device_put(tree, NamedSharding(mesh, P()))
+
+
+def shard_params(params: Params, mesh: jax.sharding.Mesh) -> Params:
+  """Shard each base tensor along its largest axis divisible by the device count (never L)."""
+  n = mesh.devices.size
+
+  def spec(path, x):
+    skip_first = any(getattr(k, "key", None) == "layers" for k in path)
+    axes = [a for a in range(int(skip_first), x.ndim) if x.shape[a] % n == 0]
+    if not axes:
+      return NamedSharding(mesh, P())
+    best = max(axes, key=lambda a: x.shape[a])
+    return NamedSharding(mesh, P(*[DATA_AXIS if a == best else None for a in range(x.ndim)]))
+
+  shardings = jax.tree_util.tree_map_with_path(spec, params)
+  return jax.device_put(params, shardings)
+
+
+def shard_batch(batch: dict, mesh: jax.sharding.Mesh) -> dict:
+  """Place this process's rows of the global batch, split along the 'data' axis."""
+  sharding = NamedSharding(mesh, P(DATA_AXIS))
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(batch[k]))
+          for k in BATCH_KEYS}
