@@ -101,6 +101,8 @@ PRESETS: dict[str, ModelConfig] = {
     "gemma2-27b": gemma2_config(46, 4608, 36864, 32, 16, 128, 144),
     "gemma3-270m": gemma3_config(18, 640, 2048, 4, 1, sliding_window=512),
     "gemma3-1b": gemma3_config(26, 1152, 6912, 4, 1, sliding_window=512),
+    # for smoke runs and tests: Gemma 2 features at toy width, sized for the Gemma 3 tokenizer
+    "gemma2-tiny": gemma2_config(2, 64, 128, 4, 2, 16, 16, vocab_size=262_144, sliding_window=32),
 }
 
 

@@ -1,0 +1,103 @@
+"""Base-vs-tuned evaluation: greedy responses, exact match, EOS stops, response loss, loss plot."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from jax_it import data, loop, sample, synth
+
+
+def responses(s: loop.Setup, records: list[dict], adapter, batch: int = 16) -> list[tuple[str, bool]]:
+  """Greedy (or configured) responses to each record's prompt, in batches."""
+  template = data.get_template(s.dcfg.template, s.dcfg.template_no_input)
+  prompts = [data.format_prompt(r, template)[0] for r in records]
+  g = s.cfg.generate
+  out = []
+  for i in range(0, len(prompts), batch):
+    out += sample.generate_text(s.params, s.mcfg, s.tokenizer, prompts[i:i + batch], lora=adapter,
+                                max_new_tokens=g.max_new_tokens, temperature=g.temperature,
+                                top_k=g.top_k, top_p=g.top_p, seed=g.seed)
+  return out
+
+
+def compare(s: loop.Setup, adapter, records: list[dict], n_generate: int) -> dict:
+  """Metrics of base (no adapter) and tuned model on held-out records, and the responses."""
+  gen = records[:n_generate]
+  result = {"records": len(records), "generated": len(gen), "rows": []}
+  rows = [{"instruction": r["instruction"], "input": r["input"], "output": r["output"]}
+          for r in gen]
+  for name, a in (("base", None), ("tuned", adapter)):
+    res = responses(s, gen, a) if gen else []
+    for row, (text, stopped) in zip(rows, res):
+      row[f"response_{name}"] = text
+      row[f"eos_{name}"] = stopped
+    result[f"loss_{name}"] = loop.eval_loss(s, a, records)
+    result[f"eos_share_{name}"] = sum(st for _, st in res) / max(len(res), 1)
+    if gen and all("family" in r for r in gen):  # the synthetic set's answers are checkable
+      result[f"accuracy_{name}"] = synth.accuracy(gen, [t for t, _ in res])
+  result["rows"] = rows
+  return result
+
+
+def table(result: dict) -> str:
+  """A small before/after table (markdown)."""
+  lines = ["| metric | base | tuned |", "|---|---|---|"]
+  for key, label, fmt in (("accuracy", "exact-match accuracy", "{:.1%}"),
+                          ("eos_share", "responses ending with EOS", "{:.1%}"),
+                          ("loss", "response-token loss", "{:.4f}")):
+    if f"{key}_base" in result:
+      lines.append(f"| {label} | {fmt.format(result[key + '_base'])} | "
+                   f"{fmt.format(result[key + '_tuned'])} |")
+  return "\n".join(lines)
+
+
+def samples(result: dict, show: int) -> str:
+  out = []
+  for row in result["rows"][:show]:
+    prompt = row["instruction"] + (f"\n  input: {row['input']}" if row["input"] else "")
+    out.append(f"### {prompt}\n  expected: {row['output']!r}\n"
+               f"  base:     {row['response_base']!r}\n  tuned:    {row['response_tuned']!r}")
+  return "\n".join(out)
+
+
+def write(result: dict, run_dir: str, show: int) -> str:
+  """eval.json (rows like the reference run's output file), report.md; returns the report text."""
+  with open(os.path.join(run_dir, "eval.json"), "w") as f:
+    json.dump(result["rows"], f, indent=1)
+  summary = {k: v for k, v in result.items() if k != "rows"}
+  with open(os.path.join(run_dir, "eval_metrics.json"), "w") as f:
+    json.dump(summary, f, indent=1)
+  text = (f"Held-out records: {result['records']} (loss), {result['generated']} generated\n\n"
+          f"{table(result)}\n\n{samples(result, show)}\n")
+  with open(os.path.join(run_dir, "report.md"), "w") as f:
+    f.write(text)
+  plot_losses(run_dir)
+  return text
+
+
+def plot_losses(run_dir: str) -> str | None:
+  """loss.png: training loss per step and validation loss where it was measured."""
+  path = os.path.join(run_dir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return None
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  with open(path) as f:
+    records = [json.loads(line) for line in f]
+  train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+  val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+  fig, ax = plt.subplots(figsize=(6, 4))
+  if train:
+    ax.plot(*zip(*train), label="train loss")
+  if val:
+    ax.plot(*zip(*val), "o-", label="validation loss")
+  ax.set_xlabel("step")
+  ax.set_ylabel("loss (nats per loss token)")
+  ax.legend()
+  out = os.path.join(run_dir, "loss.png")
+  fig.savefig(out, dpi=100, bbox_inches="tight")
+  plt.close(fig)
+  return out

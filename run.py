@@ -1,0 +1,47 @@
+"""jax_it command line: train (default) | eval | generate | export | compare.
+
+  python run.py [train] [--config FILE] [--run-dir DIR] [section.key=value ...]
+  python run.py eval     --run-dir DIR [--data FILE]
+  python run.py generate --run-dir DIR --prompt TEXT [--input TEXT] [--base]
+  python run.py export   --run-dir DIR --out DIR [--merged]
+  python run.py compare  (--run-dir DIR | --config FILE)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+COMMANDS = ("train", "eval", "generate", "export", "compare")
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs",
+                              "default.yaml")
+
+
+def parse(argv):
+  if not argv or argv[0] not in COMMANDS:
+    argv = ["train", *argv]  # `python run.py` alone trains the default config
+  p = argparse.ArgumentParser(prog="run.py", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("command", choices=COMMANDS)
+  p.add_argument("--config", help="YAML run config (train default: configs/default.yaml)")
+  p.add_argument("--run-dir", help="run folder (default: runs/<config name>)")
+  p.add_argument("--data", help="eval: a file of records instead of the test split")
+  p.add_argument("--prompt", help="generate: the instruction")
+  p.add_argument("--input", default="", help="generate: the optional input")
+  p.add_argument("--base", action="store_true", help="generate with the base model too")
+  p.add_argument("--out", help="export: the output folder")
+  p.add_argument("--merged", action="store_true", help="export a merged HF model as well")
+  p.add_argument("--no-progress", action="store_true", help="no progress bar")
+  p.add_argument("overrides", nargs="*", help="section.key=value config overrides")
+  return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+  args = parse(sys.argv[1:] if argv is None else argv)
+  from jax_it import cli  # imported after parsing so --help is instant
+  return cli.run(args)
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,120 @@
+"""LoRA against PEFT: logits, loss and gradients; PEFT adapter import/export; merge."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import load_file
+
+import reference as ref
+from jax_it import lora, model, train, weights
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+  path = tmp_path_factory.mktemp("gemma2")
+  hf = ref.tiny_gemma2(path, window=8)
+  params, cfg = weights.load(str(path))
+  return hf, params, cfg
+
+
+def _our_grads(adapter, params, cfg, batch):
+  b = train.add_loss_index(batch)
+  loss_fn = lambda a: train.mean_loss(a, params, b, cfg, train.StepOptions(loss_chunk=16))
+  loss, grads = jax.value_and_grad(loss_fn)(adapter)
+  return float(loss), grads
+
+
+def _check_against_peft(pm, adapter, params, cfg, batch, logit_tol, grad_tol, tmp_path):
+  tokens = batch["tokens"]
+  ours = model.forward(params, jnp.asarray(tokens), cfg, lora=adapter)
+  theirs = pm(torch.as_tensor(tokens, dtype=torch.long)).logits
+  assert ref.rel_err(ours, theirs.detach().numpy()) <= logit_tol
+
+  ref_loss = ref.masked_nll(theirs, batch["targets"], batch["loss_mask"])
+  ref_loss.backward()
+  loss, grads = _our_grads(adapter, params, cfg, batch)
+  assert abs(loss - ref_loss.item()) / ref_loss.item() <= 1e-5
+
+  # write our gradients in the PEFT layout to compare them tensor by tensor
+  lora.save_peft(lora.Lora(grads.weights, adapter.cfg), cfg, str(tmp_path / "grads"))
+  ours_g = load_file(str(tmp_path / "grads" / "adapter_model.safetensors"))
+  theirs_g = ref.lora_grads(pm)
+  assert set(ours_g) == set(theirs_g)
+  errors = {k: ref.norm_rel_err(ours_g[k], theirs_g[k]) for k in theirs_g}
+  assert max(errors.values()) <= grad_tol, errors
+
+
+def test_peft_adapter_matches_on_tiny_gemma2(tiny, tmp_path):
+  hf, params, cfg = tiny
+  pm = ref.peft_model(hf, lora.ALL_LINEAR, r=4, alpha=8.0)
+  try:
+    pm.save_pretrained(tmp_path / "adapter")
+    adapter = lora.load_peft(str(tmp_path / "adapter"), cfg)
+    assert adapter.cfg.targets == lora.ALL_LINEAR and adapter.cfg.scale == 2.0
+    batch = ref.random_batch(np.random.default_rng(0), 2, 20, cfg.vocab_size)
+    _check_against_peft(pm, adapter, params, cfg, batch, 1e-5, 1e-4, tmp_path)
+  finally:
+    pm.unload()
+
+
+def test_our_adapter_loads_in_peft(tiny, tmp_path):
+  import peft
+
+  hf, params, cfg = tiny
+  lcfg = lora.LoraConfig(r=4, alpha=16.0, targets=("q_proj", "v_proj", "down_proj"),
+                         rslora=True)
+  adapter = lora.init(jax.random.key(0), cfg, lcfg)
+  adapter = adapter.replace(weights=jax.tree.map(
+      lambda x: x + 0.05 * jax.random.normal(jax.random.key(1), x.shape), adapter.weights))
+  lora.save_peft(adapter, cfg, str(tmp_path / "ours"))
+  pm = peft.PeftModel.from_pretrained(hf, str(tmp_path / "ours"))
+  try:
+    tokens = np.random.default_rng(1).integers(3, cfg.vocab_size, (2, 12))
+    theirs = pm(torch.as_tensor(tokens)).logits.detach().numpy()
+    ours = model.forward(params, jnp.asarray(tokens, jnp.int32), cfg, lora=adapter)
+    assert ref.rel_err(ours, theirs) <= 1e-5
+    back = lora.load_peft(str(tmp_path / "ours"), cfg)
+    assert back.cfg == adapter.cfg
+    for x, y in zip(jax.tree.leaves(back), jax.tree.leaves(adapter)):
+      np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  finally:
+    pm.unload()
+
+
+def test_zero_b_is_the_base_model_and_merge_equals_adapter(tiny):
+  _, params, cfg = tiny
+  adapter = lora.init(jax.random.key(0), cfg, lora.LoraConfig(r=4, targets="all-linear"))
+  tokens = jnp.asarray(np.random.default_rng(2).integers(3, cfg.vocab_size, (2, 16)), jnp.int32)
+  base = model.forward(params, tokens, cfg)
+  np.testing.assert_array_equal(np.asarray(model.forward(params, tokens, cfg, lora=adapter)),
+                                np.asarray(base))
+  adapter = adapter.replace(weights=jax.tree.map(
+      lambda x: x + 0.05 * jax.random.normal(jax.random.key(3), x.shape), adapter.weights))
+  merged = model.forward(lora.merge(params, adapter), tokens, cfg)
+  with_adapter = model.forward(params, tokens, cfg, lora=adapter)
+  assert ref.rel_err(merged, with_adapter) <= 1e-5
+  assert ref.rel_err(with_adapter, base) > 1e-3  # the adapter really changes the output
+
+
+def test_bad_adapter_config(tmp_path, tiny):
+  _, _, cfg = tiny
+  (tmp_path / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 4, "lora_alpha": 8,'
+                                                ' "target_modules": ["q_proj"], "use_dora": true}')
+  with pytest.raises(ValueError, match="use_dora"):
+    lora.load_peft(str(tmp_path), cfg)
+  with pytest.raises(ValueError, match="unknown LoRA target"):
+    lora.LoraConfig(targets=("qkv",))
+
+
+def test_peft_adapter_matches_on_gemma3_270m(gemma3_params, gemma3_torch, tmp_path):
+  params, cfg = gemma3_params
+  pm = ref.peft_model(gemma3_torch, ("q_proj", "v_proj"), r=8, alpha=32.0, std=0.02)
+  try:
+    pm.save_pretrained(tmp_path / "adapter")
+    adapter = lora.load_peft(str(tmp_path / "adapter"), cfg)
+    batch = ref.random_batch(np.random.default_rng(0), 2, 48, 20_000)
+    _check_against_peft(pm, adapter, params, cfg, batch, 1e-4, 1e-4, tmp_path)
+  finally:
+    pm.unload()
