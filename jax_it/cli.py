@@ -8,7 +8,7 @@ import sys
 from jax_it import checkpoint, config, data, loop, weights
 
 EXPECTED = (config.ConfigError, data.DataError, weights.CheckpointError, loop.RunError,
-            checkpoint.CheckpointMismatch, FileNotFoundError, PermissionError)
+            checkpoint.CheckpointMismatch, FileNotFoundError, FileExistsError, PermissionError)
 
 
 def run(args) -> int:
@@ -137,7 +137,8 @@ def cmd_export(args) -> int:
   print(f"PEFT adapter written to {args.out}")
   if args.merged:
     merged_dir = os.path.join(args.out, "merged")
-    weights.save_hf(lora.merge(s.params, adapter), s.mcfg, merged_dir, tokenizer=s.tokenizer)
+    from jax_it import export
+    export.save_hf(lora.merge(s.params, adapter), s.mcfg, merged_dir, tokenizer=s.tokenizer)
     print(f"merged Hugging Face model written to {merged_dir}")
   return 0
 

@@ -70,8 +70,10 @@ class DataSection:
   # with an {instruction} placeholder (and optionally {input})
   template: str = _field("alpaca")
   template_no_input: str | None = _field(None)  # custom template for records without input
-  loss_on: str = _field("response", choices=("response", "all"))
-  add_eos: bool = _field(True)  # added: the reference run never appended EOS, so it never stopped
+  # null: the template decides (response + EOS for alpaca and custom templates; every token and
+  # no EOS for reference, as the reference run trained)
+  loss_on: str | None = _field(None, choices=("response", "all", None))
+  add_eos: bool | None = _field(None)
   max_len: int = _field(1024, check=POSITIVE)
   batch_mode: str = _field("pack", choices=("pack", "pad"))
   truncate: str = _field("truncate", choices=("truncate", "drop"))

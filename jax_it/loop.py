@@ -99,9 +99,9 @@ def setup(cfg: config.RunConfig, run_dir: str) -> Setup:
 
 def identity(s: Setup) -> dict:
   """What must match for a checkpoint to belong to this run."""
-  return {"model": s.cfg.model.path, "lora": dataclasses.asdict(s.lcfg),
-          "data": s.cfg.data.path if isinstance(s.cfg.data.path, str) else list(s.cfg.data.path),
-          "batch_size": s.cfg.train.batch_size}
+  ident = {"model": s.cfg.model.path, "lora": dataclasses.asdict(s.lcfg),
+           "data": s.cfg.data.path, "batch_size": s.cfg.train.batch_size}
+  return json.loads(json.dumps(ident))  # as it reads back from the checkpoint (lists, not tuples)
 
 
 # ---------------------------------------------------------------------------------------------
