@@ -30,7 +30,7 @@ def test_training_curve_matches_torch_peft(tiny, tmp_path):
   import transformers
 
   hf, params, cfg = tiny
-  steps, lr, wd, warmup = 20, 3e-3, 0.01, 5
+  steps, lr, wd, warmup = 20, 2e-2, 0.01, 5
   pm = ref.peft_model(hf, ("q_proj", "v_proj", "down_proj"), r=4, alpha=8.0, std=0.05)
   try:
     pm.save_pretrained(tmp_path / "init")
@@ -66,7 +66,7 @@ def test_training_curve_matches_torch_peft(tiny, tmp_path):
     losses.append(float(metrics["loss"]))
   diffs = np.abs(np.asarray(losses) - np.asarray(torch_losses))
   assert diffs.max() <= 1e-3, (losses, torch_losses)
-  assert losses[-1] < losses[0] - 0.05  # it really trained
+  assert losses[16] < losses[0] - 0.05  # it really trained (steps 0 and 16 see one batch)
 
 
 def test_step_leaves_base_params_and_zero_b_gives_base_loss(tiny):

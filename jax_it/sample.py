@@ -1,0 +1,203 @@
+"""KV-cache generation: one jitted prefill, then a compiled decode loop that stops at EOS."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jax_it import model
+from jax_it.model import ModelConfig, Params
+
+# Prompts are right-padded to a multiple of this, so few prefill shapes are ever compiled.
+PROMPT_BUCKET = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleSpec:
+  """Decoding settings. Only `shape` is compiled in; the rest travels as traced `knobs`."""
+
+  max_new_tokens: int = 128
+  temperature: float = 0.0
+  top_k: int = 0
+  top_p: float = 1.0
+  eos_id: int = 1
+  pad_id: int = 0
+
+  def __post_init__(self):
+    if self.max_new_tokens < 0:
+      raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+    if self.temperature < 0:
+      raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+    if self.top_k < 0:
+      raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+    if not 0.0 < self.top_p <= 1.0:
+      raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+  @property
+  def shape(self) -> DecodeShape:
+    return DecodeShape(self.max_new_tokens, self.temperature == 0.0, self.top_k, self.top_p < 1.0)
+
+  @property
+  def knobs(self) -> dict:
+    return {"temperature": jnp.float32(self.temperature or 1.0), "top_p": jnp.float32(self.top_p),
+            "eos_id": jnp.int32(self.eos_id), "pad_id": jnp.int32(self.pad_id)}
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeShape:
+  """The part of a SampleSpec that changes the compiled program."""
+
+  max_new_tokens: int
+  greedy: bool
+  top_k: int
+  nucleus: bool
+
+
+# ---------------------------------------------------------------------------------------------
+# Choosing the next token
+
+
+def sample_logits(logits: jax.Array, key: jax.Array, shape: DecodeShape,
+                  knobs: dict) -> jax.Array:
+  """Next token ids [B] from logits [B, V]: argmax if greedy, else temperature/top-k/top-p."""
+  if shape.greedy:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  logits = logits.astype(jnp.float32) / knobs["temperature"]
+  if shape.top_k == 0 and not shape.nucleus:
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+  k = min(shape.top_k or logits.shape[-1], logits.shape[-1])
+  vals, ids = jax.lax.top_k(logits, k)  # sorted, largest first
+  if shape.nucleus:
+    probs = jax.nn.softmax(vals, axis=-1)
+    # keep a token while the mass before it is under top_p, so the most likely always survives
+    before = jnp.cumsum(probs, axis=-1) - probs
+    vals = jnp.where(before < knobs["top_p"], vals, -jnp.inf)
+  choice = jax.random.categorical(key, vals, axis=-1)
+  return jnp.take_along_axis(ids, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Prefill and decode
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "cache_len"))
+def _prefill(params, lora, tokens, lengths, cfg: ModelConfig, cache_len: int):
+  """Run right-padded prompts [B, P] through the model; logits at each row's last real token."""
+  B, P = tokens.shape
+  positions = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (B, P))
+  # pads get segment 0, which no real token (segment 1) ever attends to
+  segment_ids = (positions < lengths[:, None]).astype(jnp.int32)
+  dtype = params["embedder"]["input_embedding"].dtype
+  cache = model.init_cache(cfg, B, cache_len, dtype)
+  hidden, cache = model.hidden_states(params, tokens, cfg, lora=lora, positions=positions,
+                                      segment_ids=segment_ids, cache=cache)
+  last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)[:, 0]
+  return model.logits_from_hidden(params, last, cfg), cache
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "shape", "keep_logits"),
+                   donate_argnames=("cache",))
+def _decode(params, lora, cache, logits, lengths, key, knobs, cfg: ModelConfig,
+            shape: DecodeShape, keep_logits: bool):
+  """Tokens [B, n] (pad after EOS), plus the logits of every step [B, n, V] if keep_logits."""
+  B, n = lengths.shape[0], shape.max_new_tokens
+  eos, pad = knobs["eos_id"], knobs["pad_id"]
+  first = sample_logits(logits, jax.random.fold_in(key, 0), shape, knobs)
+  out = jnp.full((B, n), pad, jnp.int32).at[:, 0].set(first)
+  seen = jnp.zeros((B, n if keep_logits else 0, logits.shape[-1]), jnp.float32)
+  seen = seen.at[:, 0].set(logits) if keep_logits else seen
+  state = (jnp.int32(1), out, first == eos, cache, seen)
+
+  def cond(state):
+    i, _, done, _, _ = state
+    return (i < n) & ~jnp.all(done)
+
+  def body(state):
+    i, out, done, cache, seen = state
+    prev = jax.lax.dynamic_index_in_dim(out, i - 1, axis=1)  # [B, 1]
+    positions = (lengths + i - 1)[:, None]
+    step_logits, cache = model.forward(params, prev, cfg, lora=lora, positions=positions,
+                                       segment_ids=jnp.ones_like(prev), cache=cache)
+    step_logits = step_logits[:, 0]
+    tok = sample_logits(step_logits, jax.random.fold_in(key, i), shape, knobs)
+    tok = jnp.where(done, pad, tok)
+    out = jax.lax.dynamic_update_index_in_dim(out, tok, i, axis=1)
+    if keep_logits:
+      seen = jax.lax.dynamic_update_index_in_dim(seen, step_logits, i, axis=1)
+    return i + 1, out, done | (tok == eos), cache, seen
+
+  _, out, _, cache, seen = jax.lax.while_loop(cond, body, state)
+  # returning the cache lets XLA reuse the donated input buffer instead of holding two copies
+  return out, (seen if keep_logits else None), cache
+
+
+def _pad_prompts(prompts: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+  """Right-pad to the next multiple of PROMPT_BUCKET; returns tokens [B, P] and lengths [B]."""
+  if not prompts:
+    raise ValueError("generate: got no prompts")
+  for i, p in enumerate(prompts):
+    if len(p) == 0:
+      raise ValueError(f"generate: prompt {i} is empty; expected at least one token (BOS)")
+  lengths = np.array([len(p) for p in prompts], np.int32)
+  P = -(-int(lengths.max()) // PROMPT_BUCKET) * PROMPT_BUCKET
+  tokens = np.full((len(prompts), P), pad_id, np.int32)
+  for i, p in enumerate(prompts):
+    tokens[i, :len(p)] = p
+  return tokens, lengths
+
+
+def generate_arrays(params: Params, cfg: ModelConfig, prompts: list[list[int]], *,
+                    lora=None, spec: SampleSpec = SampleSpec(), seed: int = 0,
+                    keep_logits: bool = False):
+  """Array-level generation: tokens [B, n] (pad after EOS) and, if asked, logits [B, n, V]."""
+  tokens, lengths = _pad_prompts(prompts, spec.pad_id)
+  if spec.max_new_tokens == 0:
+    return np.zeros((len(prompts), 0), np.int32), None
+  cache_len = tokens.shape[1] + spec.max_new_tokens
+  logits, cache = _prefill(params, lora, jnp.asarray(tokens), jnp.asarray(lengths), cfg,
+                           cache_len)
+  out, seen, _ = _decode(params, lora, cache, logits, jnp.asarray(lengths),
+                         jax.random.key(seed), spec.knobs, cfg, spec.shape, keep_logits)
+  return np.asarray(out), (None if seen is None else np.asarray(seen))
+
+
+def _cut_at_eos(row: np.ndarray, eos_id: int) -> list[int]:
+  hits = np.flatnonzero(row == eos_id)
+  return row[:hits[0] + 1].tolist() if hits.size else row.tolist()
+
+
+def generate(params: Params, cfg: ModelConfig, prompts: list[list[int]], *, lora=None,
+             max_new_tokens: int = 128, temperature: float = 0.0, top_k: int = 0,
+             top_p: float = 1.0, eos_id: int | None = 1, pad_id: int = 0,
+             seed: int = 0) -> list[list[int]]:
+  """New token ids per prompt (prompt excluded), cut after the first EOS, which is kept.
+
+  eos_id=None never stops early. A row that ends without EOS ran out of max_new_tokens.
+  """
+  eos = -1 if eos_id is None else int(eos_id)
+  spec = SampleSpec(int(max_new_tokens), float(temperature), int(top_k), float(top_p), eos,
+                    int(pad_id))
+  out, _ = generate_arrays(params, cfg, prompts, lora=lora, spec=spec, seed=seed)
+  return [_cut_at_eos(row, eos) for row in out]
+
+
+def generate_text(params: Params, cfg: ModelConfig, tokenizer, prompts: list[str],
+                  **kw) -> list[tuple[str, bool]]:
+  """(response text, ended_with_eos) per prompt; prompts get BOS and no other special tokens."""
+  if tokenizer.bos_token_id is None:
+    raise ValueError("generate_text: the tokenizer has no bos_token_id; expected Gemma's BOS")
+  kw.setdefault("eos_id", tokenizer.eos_token_id)
+  if tokenizer.pad_token_id is not None:
+    kw.setdefault("pad_id", tokenizer.pad_token_id)
+  ids = [[tokenizer.bos_token_id] + tokenizer.encode(p, add_special_tokens=False)
+         for p in prompts]
+  results = []
+  for row in generate(params, cfg, ids, **kw):
+    stopped = bool(row) and row[-1] == kw["eos_id"]
+    text = tokenizer.decode(row[:-1] if stopped else row, skip_special_tokens=True)
+    results.append((text, stopped))
+  return results
