@@ -34,7 +34,7 @@ def parse(argv):
   p.add_argument("--merged", action="store_true", help="export a merged HF model as well")
   p.add_argument("--no-progress", action="store_true", help="no progress bar")
   p.add_argument("overrides", nargs="*", help="section.key=value config overrides")
-  return p.parse_args(argv)
+  return p.parse_intermixed_args(argv)
 
 
 def main(argv=None) -> int:

@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -276,6 +277,19 @@ def test_tokenizers(gemma3_gguf_path, hf_dir, tmp_path):
   tok.save_pretrained(tmp_path)
   shutil.copy(hf_dir[1] / "config.json", tmp_path / "config.json")
   assert weights.load_tokenizer(tmp_path)("Hello world").input_ids == ids
+
+
+def test_gguf_tokenizer_cache_encodes_like_a_fresh_build(gemma3_gguf_path, tmp_path, monkeypatch):
+  from transformers import AutoTokenizer
+  monkeypatch.setenv("JAX_IT_CACHE", str(tmp_path))
+  path = Path(gemma3_gguf_path)
+  fresh = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+  weights._gguf_tokenizer(path)  # builds and saves the cache entry
+  assert len(list((tmp_path / "tokenizers").iterdir())) == 1
+  cached = weights._gguf_tokenizer(path)  # now read from the cache
+  text = "Below is an instruction.\n\n### Input:\nÜber 3.5 Äpfel, 東京 🍎 <b>x</b>\t  end"
+  assert cached.encode(text) == fresh.encode(text)
+  assert (cached.bos_token_id, cached.eos_token_id, cached.pad_token_id) == (2, 1, 0)
 
 
 def test_flax_tokenizer_model_beside_checkpoint(hf_dir, tmp_path):

@@ -1,0 +1,119 @@
+"""run.py end to end on the tiny config: train, resume after SIGKILL, generate, export, compare, errors."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(ROOT, "configs", "tiny.yaml")
+
+
+def run(*args, check=True, timeout=600):
+  out = subprocess.run([sys.executable, os.path.join(ROOT, "run.py"), *args], cwd=ROOT,
+                       capture_output=True, text=True, timeout=timeout, check=False)
+  if check:
+    assert out.returncode == 0, out.stderr[-3000:]
+  return out
+
+
+def losses(run_dir):
+  with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+    records = [json.loads(line) for line in f]
+  return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  run_dir = str(tmp_path_factory.mktemp("runs") / "tiny")
+  out = run("--config", TINY, "--run-dir", run_dir, "--no-progress")
+  return run_dir, out
+
+
+def test_train_writes_logs_checkpoints_and_report(trained):
+  run_dir, out = trained
+  assert sorted(losses(run_dir)) == [1, 2, 3, 4]
+  assert os.path.isdir(os.path.join(run_dir, "checkpoints", "4"))
+  rows = json.load(open(os.path.join(run_dir, "eval.json")))
+  assert len(rows) == 2 and {"response_base", "response_tuned", "output"} <= set(rows[0])
+  assert os.path.getsize(os.path.join(run_dir, "loss.png")) > 1000
+  assert "| response-token loss |" in out.stdout
+  assert any(os.scandir(os.path.join(run_dir, "tensorboard")))
+
+
+def test_resume_after_sigkill_gives_the_uninterrupted_losses(tmp_path):
+  args = ["--config", TINY, "--no-progress", "train.max_steps=8", "train.eval_every=0",
+          "checkpoint.every=2", "checkpoint.async_save=true", "report.eval_samples=0"]
+  straight = str(tmp_path / "straight")
+  run(*args, "--run-dir", straight)
+  killed = str(tmp_path / "killed")
+  proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "run.py"), *args, "--run-dir",
+                           killed], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + 300
+  while time.time() < deadline and max(_safe_losses(killed), default=0) < 5:
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert max(_safe_losses(killed)) < 8, "the run finished before it could be killed"
+  run(*args, "--run-dir", killed)
+  a, b = losses(straight), losses(killed)
+  assert sorted(a) == sorted(b) == list(range(1, 9))
+  np.testing.assert_allclose([b[s] for s in a], [a[s] for s in a], rtol=1e-6)
+
+
+def _safe_losses(run_dir):
+  try:
+    return losses(run_dir)
+  except (OSError, json.JSONDecodeError):
+    return {}
+
+
+def test_generate_export_and_compare(trained, tmp_path):
+  import torch
+  from transformers import AutoModelForCausalLM
+  from jax_it import cli, config, loop, model
+
+  run_dir, _ = trained
+  out = run("generate", "--run-dir", run_dir, "--prompt", "Reverse the words.", "--input",
+            "red blue", "--base")
+  assert out.stdout.count("[base") == 1 and out.stdout.count("[tuned") == 1
+
+  export_dir = str(tmp_path / "export")
+  run("export", "--run-dir", run_dir, "--out", export_dir, "--merged")
+  assert os.path.exists(os.path.join(export_dir, "adapter_model.safetensors"))
+  hf = AutoModelForCausalLM.from_pretrained(os.path.join(export_dir, "merged"),
+                                            attn_implementation="eager")
+  s = loop.setup(config.load_config(os.path.join(run_dir, "config.yaml"), []), run_dir)
+  adapter = cli._load_adapter(s)
+  tokens = np.random.default_rng(0).integers(3, 1000, (2, 40))
+  ours = np.asarray(model.forward(s.params, jnp.asarray(tokens, jnp.int32), s.mcfg, lora=adapter))
+  theirs = hf(torch.as_tensor(tokens)).logits.detach().numpy()
+  assert np.abs(ours - theirs).max() / np.abs(theirs).max() <= 1e-4
+
+  out = run("compare", "--run-dir", run_dir)
+  assert "OK: within tolerance" in out.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--config", "missing.yaml"], "config file not found"),
+    (["--config", TINY, "lora.rank=3"], "valid keys"),
+    (["--config", TINY, "model.path=/nonexistent/model.gguf"], "/nonexistent/model.gguf"),
+    (["--config", TINY, "--run-dir", "/proc/forbidden"], "not writable"),
+])
+def test_bad_input_is_one_line_without_traceback(args, message):
+  out = run(*args, check=False, timeout=300)
+  assert out.returncode == 2
+  assert message in out.stderr and "Traceback" not in out.stderr
+  assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
+def test_run_dir_of_another_run_is_refused(trained):
+  run_dir, _ = trained
+  out = run("--config", TINY, "--run-dir", run_dir, "lora.r=2", check=False)
+  assert out.returncode == 2 and "different run" in out.stderr and "Traceback" not in out.stderr
