@@ -131,6 +131,8 @@ def cmd_export(args) -> int:
   if not args.out:
     raise loop.RunError("export needs --out DIR")
   cfg, run_dir = _saved_config(args)
+  # merging needs the float base, also for runs that trained on an int8 one
+  cfg.model.quant = "none"
   s = loop.setup(cfg, run_dir)
   adapter = _load_adapter(s)
   lora.save_peft(adapter, s.mcfg, args.out, base_model=cfg.model.path)

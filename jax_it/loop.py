@@ -54,11 +54,17 @@ def load_model(section: config.ModelSection):
       raise RunError(f"model.path={path!r}: unknown preset; expected one of {sorted(model.PRESETS)}")
     mcfg = model.PRESETS[name]
     params = model.init_params(jax.random.key(0), mcfg, dtype)
+    if section.quant == "int8":
+      from jax_it import quant
+      params = quant.quantize_int8(params, dtype)
     # random models borrow the packaged Gemma 3 tokenizer (their vocab is sized for it)
     return params, mcfg, weights.load_tokenizer(packaged_gemma_path())
   if path == PACKAGED_GEMMA:
     path = packaged_gemma_path()
   params, mcfg = weights.load(path, dtype=dtype)
+  if section.quant == "int8":
+    from jax_it import quant
+    params = quant.quantize_int8(params, dtype)
   return params, mcfg, weights.load_tokenizer(path)
 
 

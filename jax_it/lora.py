@@ -88,6 +88,8 @@ def delta(adapter: Lora, target: str) -> jax.Array:
 
 def merge(params: Params, adapter: Lora) -> Params:
   """Fold the adapter into a copy of the base params (for export); the input is not modified."""
+  if "input_embedding_scale" in params["embedder"]:
+    raise ValueError("merge needs float base params; load the model without quant=int8")
   layers = jax.tree.map(lambda x: x, params["layers"])
   attn, mlp = layers["attn"], layers["mlp"]
 

@@ -142,6 +142,19 @@ def init_params(key: jax.Array, cfg: ModelConfig, dtype=jnp.float32) -> Params:
 # Building blocks
 
 
+def weight(d: dict, key: str = "w") -> jax.Array:
+  """A weight as a float array: int8 weights (see quant.py) carry a `<key>_scale` beside them."""
+  w = d[key]
+  scale = d.get(key + "_scale")
+  return w if scale is None else w.astype(scale.dtype) * scale
+
+
+def activation_dtype(params: Params):
+  """The dtype activations run in: the embedding's, or its scales' when it is int8."""
+  emb = params["embedder"]
+  return emb.get("input_embedding_scale", emb["input_embedding"]).dtype
+
+
 def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
   """Gemma RMSNorm: computed in float32, weight stored as an offset from 1."""
   xf = x.astype(jnp.float32)
@@ -210,9 +223,10 @@ def _attention(x, p, ctx, cfg, positions, segment_ids, is_local, rope_base, rope
   B, T, _ = x.shape
   K, H = cfg.num_kv_heads, cfg.head_dim
   G = cfg.num_heads // K
-  q = _proj(x, p["q_einsum"]["w"], "BTD,NDH->BTNH", ctx, "q_proj", 0)
-  k = _proj(x, p["kv_einsum"]["w"][0], "BSD,KDH->BSKH", ctx, "k_proj", 1)
-  v = _proj(x, p["kv_einsum"]["w"][1], "BSD,KDH->BSKH", ctx, "v_proj", 2)
+  kv = weight(p["kv_einsum"])
+  q = _proj(x, weight(p["q_einsum"]), "BTD,NDH->BTNH", ctx, "q_proj", 0)
+  k = _proj(x, kv[0], "BSD,KDH->BSKH", ctx, "k_proj", 1)
+  v = _proj(x, kv[1], "BSD,KDH->BSKH", ctx, "v_proj", 2)
   if cfg.use_qk_norm:
     q = rms_norm(q, p["_query_norm"]["scale"], cfg.norm_eps)
     k = rms_norm(k, p["_key_norm"]["scale"], cfg.norm_eps)
@@ -230,16 +244,16 @@ def _attention(x, p, ctx, cfg, positions, segment_ids, is_local, rope_base, rope
   scores = jnp.where(mask[:, None, None, :, :], scores, _MASK_VALUE)
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
   enc = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v).reshape(B, T, K * G, H)
-  out = _proj(enc, p["attn_vec_einsum"]["w"], "BTNH,NHD->BTD", ctx, "o_proj", 3)
+  out = _proj(enc, weight(p["attn_vec_einsum"]), "BTNH,NHD->BTD", ctx, "o_proj", 3)
   return out, new_cache
 
 
 def _mlp(x, p, ctx):
-  w = p["gating_einsum"]["w"]
+  w = weight(p["gating_einsum"])
   gate = _proj(x, w[0], "BTD,DF->BTF", ctx, "gate_proj", 4)
   up = _proj(x, w[1], "BTD,DF->BTF", ctx, "up_proj", 5)
   hidden = jax.nn.gelu(gate, approximate=True) * up
-  return _proj(hidden, p["linear"]["w"], "BTF,FD->BTD", ctx, "down_proj", 6)
+  return _proj(hidden, weight(p["linear"]), "BTF,FD->BTD", ctx, "down_proj", 6)
 
 
 def _layer(x, p, ctx, cfg, positions, segment_ids, is_local, rope_base, rope_scale, cache):
@@ -284,14 +298,23 @@ def _update_cache(cache, k, v, positions, segment_ids):
 
 
 def embed(params: Params, tokens: jax.Array, cfg: ModelConfig) -> jax.Array:
-  table = params["embedder"]["input_embedding"]
-  x = jnp.take(table, tokens, axis=0)
+  emb = params["embedder"]
+  x = jnp.take(emb["input_embedding"], tokens, axis=0)
+  if "input_embedding_scale" in emb:  # int8 rows: dequantize only the rows looked up
+    scale = emb["input_embedding_scale"]
+    x = x.astype(scale.dtype) * jnp.take(scale, tokens, axis=0)
   return x * jnp.asarray(cfg.embed_dim ** 0.5, x.dtype)
 
 
 def logits_from_hidden(params: Params, hidden: jax.Array, cfg: ModelConfig) -> jax.Array:
   """Tied output projection of final-normed hidden states, float32, soft-capped for Gemma 2."""
-  table = params["embedder"]["input_embedding"]
+  emb = params["embedder"]
+  table = emb["input_embedding"]
+  if "input_embedding_scale" in emb:  # per-row int8 scales apply to the vocab (output) axis
+    logits = jnp.einsum("...D,VD->...V", hidden, table.astype(hidden.dtype),
+                        preferred_element_type=jnp.float32)
+    logits = logits * emb["input_embedding_scale"][:, 0].astype(jnp.float32)
+    return soft_cap(logits, cfg.final_logit_soft_cap)
   logits = jnp.einsum("...D,VD->...V", hidden, table, preferred_element_type=jnp.float32)
   return soft_cap(logits, cfg.final_logit_soft_cap)
 

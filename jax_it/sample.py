@@ -91,7 +91,7 @@ def _prefill(params, lora, tokens, lengths, cfg: ModelConfig, cache_len: int):
   positions = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (B, P))
   # pads get segment 0, which no real token (segment 1) ever attends to
   segment_ids = (positions < lengths[:, None]).astype(jnp.int32)
-  dtype = params["embedder"]["input_embedding"].dtype
+  dtype = model.activation_dtype(params)
   cache = model.init_cache(cfg, B, cache_len, dtype)
   hidden, cache = model.hidden_states(params, tokens, cfg, lora=lora, positions=positions,
                                       segment_ids=segment_ids, cache=cache)

@@ -1,0 +1,34 @@
+"""int8 weight-only base: half the bytes of bfloat16, nearly the same loss on the real Gemma 3 270M."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jax_it import lora, quant, train
+
+TEXT = ("Below is an instruction that describes a task. Write a response that appropriately "
+        "completes the request.\n\n### Instruction:\nName three primary colors.\n\n### Response:"
+        "Red, blue and yellow are the three primary colors of traditional color theory.")
+
+
+def test_int8_base_halves_memory_and_keeps_the_loss(gemma3_params, gemma3_gguf_path):
+  from jax_it import weights
+  params, cfg = gemma3_params
+  tok = weights.load_tokenizer(gemma3_gguf_path)
+  ids = np.asarray([tok.bos_token_id] + tok.encode(TEXT, add_special_tokens=False) +
+                   [tok.eos_token_id])
+  T = len(ids) - 1
+  batch = train.add_loss_index({
+      "tokens": ids[None, :-1], "targets": ids[None, 1:], "positions": np.arange(T)[None],
+      "segment_ids": np.ones((1, T)), "loss_mask": np.ones((1, T))})
+  bf16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
+  int8 = quant.quantize_int8(bf16)
+  assert quant.nbytes(int8) <= 0.52 * quant.nbytes(bf16)
+  loss_bf16 = float(train.mean_loss(None, bf16, batch, cfg))
+  loss_int8 = float(train.mean_loss(None, int8, batch, cfg))
+  assert loss_bf16 < 4.0  # real text: the model predicts it well
+  assert abs(loss_int8 - loss_bf16) / loss_bf16 <= 0.01, (loss_int8, loss_bf16)
+  # LoRA trains on top of the int8 base: gradients flow to the adapter only
+  adapter = lora.init(jax.random.key(0), cfg, lora.LoraConfig(r=4))
+  grads = jax.grad(lambda a: train.mean_loss(a, int8, batch, cfg))(adapter)
+  assert float(jnp.abs(grads.weights["q_proj"]["b"]).max()) > 0
