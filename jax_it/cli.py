@@ -13,6 +13,7 @@ EXPECTED = (config.ConfigError, data.DataError, weights.CheckpointError, loop.Ru
 
 def run(args) -> int:
   try:
+    maybe_initialize_distributed()
     return COMMANDS[args.command](args)
   except KeyboardInterrupt:
     print("\ninterrupted: the latest state was saved; run the same command to resume",
@@ -21,6 +22,23 @@ def run(args) -> int:
   except EXPECTED as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
+
+
+def maybe_initialize_distributed():
+  """Join a multi-process run when the environment describes one.
+
+  JAX_COORDINATOR_ADDRESS + JAX_NUM_PROCESSES + JAX_PROCESS_ID (any cluster), or
+  JAX_DISTRIBUTED=1 to let jax detect the cluster (Cloud TPU pods, SLURM). Each process then
+  feeds its share of the global batch.
+  """
+  import jax
+  env = os.environ
+  if env.get("JAX_COORDINATOR_ADDRESS"):
+    jax.distributed.initialize(coordinator_address=env["JAX_COORDINATOR_ADDRESS"],
+                               num_processes=int(env["JAX_NUM_PROCESSES"]),
+                               process_id=int(env["JAX_PROCESS_ID"]))
+  elif env.get("JAX_DISTRIBUTED") == "1":
+    jax.distributed.initialize()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -67,6 +67,22 @@ def test_resume_after_sigkill_gives_the_uninterrupted_losses(tmp_path):
   np.testing.assert_allclose([b[s] for s in a], [a[s] for s in a], rtol=1e-6)
 
 
+def test_ctrl_c_saves_and_exits_cleanly(tmp_path):
+  run_dir = str(tmp_path / "interrupted")
+  proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "run.py"), "--config", TINY,
+                           "--no-progress", "--run-dir", run_dir, "train.max_steps=400",
+                           "train.eval_every=0", "checkpoint.every=0"], cwd=ROOT,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 300
+  while time.time() < deadline and max(_safe_losses(run_dir), default=0) < 2:
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGINT)
+  _, err = proc.communicate(timeout=300)
+  assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err, err
+  saved = [int(d) for d in os.listdir(os.path.join(run_dir, "checkpoints")) if d.isdigit()]
+  assert saved and 2 <= max(saved) < 400
+
+
 def _safe_losses(run_dir):
   try:
     return losses(run_dir)
