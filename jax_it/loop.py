@@ -144,15 +144,6 @@ def step_options(t: config.TrainSection, remat: bool) -> train.StepOptions:
                            parallel=t.parallel)
 
 
-def device_batch(batch: dict, mesh, multiple: int = 64) -> dict:
-  """Loss index + placement; every process agrees on the loss capacity (equal shapes)."""
-  cap = train.loss_capacity(batch, multiple)
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-    cap = int(np.max(multihost_utils.process_allgather(np.int32(cap))))
-  return train.shard_batch(train.add_loss_index(batch, multiple, cap), mesh)
-
-
 # ---------------------------------------------------------------------------------------------
 # Validation
 
@@ -165,7 +156,7 @@ def eval_loss(s: Setup, adapter, records, max_batches: int = 0) -> float:
   for i, batch in enumerate(batches):
     if max_batches and i >= max_batches:
       break
-    a, b = fn(adapter, s.params, device_batch(batch, s.mesh))
+    a, b = fn(adapter, s.params, train.prepare_batch(batch, s.mesh))
     nll, count = nll + float(a), count + float(b)
   return nll / max(count, 1.0)
 
@@ -263,7 +254,7 @@ def train_loop(s: Setup, progress: bool = True) -> dict:
       batch = next(it)
       real = int((np.asarray(batch["segment_ids"]) > 0).sum())
       adapter, opt_state, metrics = step_fn(adapter, opt_state, s.params,
-                                            device_batch(batch, s.mesh),
+                                            train.prepare_batch(batch, s.mesh, t.micro_batches),
                                             jax.random.fold_in(key, step))
       step += 1
       if pending is not None:  # read the previous step's metrics: the host never waits on this one

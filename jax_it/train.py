@@ -33,49 +33,92 @@ class StepOptions:
 # Batches
 
 
-def add_loss_index(batch: dict, multiple: int = 64, capacity: int | None = None) -> dict:
-  """Add per-row indices of loss positions, so only those rows reach the output projection.
+def add_loss_index(batch: dict, groups: int = 1, multiple: int = 64,
+                   capacity: int | None = None) -> dict:
+  """Add flat indices of the loss positions, so only those reach the output projection.
 
-  loss_idx [B, C] holds each row's loss positions, padded with 0 and weight 0 in loss_w [B, C];
-  C is the longest row's count rounded up to `multiple` (few distinct shapes, few recompiles).
+  The rows are cut into `groups` runs of consecutive rows (one per device and micro-batch, in
+  that order); loss_idx [groups, C] indexes each group's flattened [rows * T] positions, padded
+  with 0 and weight 0 in loss_w [groups, C]. C is the largest group's count rounded up to
+  `multiple` (few distinct shapes, few recompiles).
   """
   mask = np.asarray(batch["loss_mask"]) > 0
   B, T = mask.shape
+  if B % groups:
+    raise ValueError(f"a batch of {B} rows does not split into {groups} device/micro-batch groups")
+  flat = mask.reshape(groups, (B // groups) * T)
   if capacity is None:
-    capacity = min(T, -(-max(int(mask.sum(1).max()), 1) // multiple) * multiple)
-  idx = np.zeros((B, capacity), np.int32)
-  w = np.zeros((B, capacity), np.float32)
-  for row in range(B):
-    pos = np.flatnonzero(mask[row])[:capacity]
-    idx[row, :len(pos)] = pos
-    w[row, :len(pos)] = 1.0
+    capacity = loss_capacity(batch, groups, multiple)
+  idx = np.zeros((groups, capacity), np.int32)
+  w = np.zeros((groups, capacity), np.float32)
+  for g in range(groups):
+    pos = np.flatnonzero(flat[g])[:capacity]
+    idx[g, :len(pos)] = pos
+    w[g, :len(pos)] = 1.0
   out = {k: np.asarray(batch[k], np.int32) for k in ("tokens", "targets", "positions",
                                                      "segment_ids")}
   return dict(out, loss_idx=idx, loss_w=w)
 
 
-def loss_capacity(batch: dict, multiple: int = 64) -> int:
+def loss_capacity(batch: dict, groups: int = 1, multiple: int = 64) -> int:
   mask = np.asarray(batch["loss_mask"]) > 0
-  return min(mask.shape[1], -(-max(int(mask.sum(1).max()), 1) // multiple) * multiple)
+  per_group = mask.reshape(groups, -1)
+  most = max(int(per_group.sum(1).max()), 1)
+  return min(per_group.shape[1], -(-most // multiple) * multiple)
+
+
+def prepare_batch(batch: dict, mesh: jax.sharding.Mesh, micro_batches: int = 1,
+                  multiple: int = 64) -> dict:
+  """Loss index for this process's rows, then placement; all processes agree on C."""
+  groups = len(mesh.local_devices) * micro_batches
+  cap = loss_capacity(batch, groups, multiple)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    cap = int(np.max(multihost_utils.process_allgather(np.int32(cap))))
+  return shard_batch(add_loss_index(batch, groups, multiple, cap), mesh)
 
 
 # ---------------------------------------------------------------------------------------------
 # Loss
 
 
-def _chunk_nll(params, h, targets, weights, cfg):
-  logits = model.logits_from_hidden(params, h, cfg)  # [chunk, V] float32
+def _nll_and_dh(params, h, targets, weights, cfg):
+  """Weighted NLL sum of a chunk and its gradient w.r.t. h, from one pass over the logits."""
+  logits, vjp = jax.vjp(lambda x: model.logits_from_hidden(params, x, cfg), h)  # [chunk, V] f32
   lse = jax.nn.logsumexp(logits, axis=-1)
   picked = jnp.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]
-  return jnp.sum((lse - picked) * weights)
+  dlogits = (jnp.exp(logits - lse[:, None]) -
+             jax.nn.one_hot(targets, logits.shape[-1], dtype=logits.dtype)) * weights[:, None]
+  (dh,) = vjp(dlogits)
+  return jnp.sum((lse - picked) * weights), dh
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _chunk_nll(params, h, targets, weights, cfg):
+  return _nll_and_dh(params, h, targets, weights, cfg)[0]
+
+
+def _chunk_nll_fwd(params, h, targets, weights, cfg):
+  # The input gradient is formed in the forward pass, so the backward pass needs neither the
+  # [chunk, V] logits nor a second pass over the output projection.
+  nll, dh = _nll_and_dh(params, h, targets, weights, cfg)
+  return nll, dh
+
+
+def _chunk_nll_bwd(cfg, dh, g):
+  del cfg
+  return None, dh * g.astype(dh.dtype), None, None  # the base params are frozen
+
+
+_chunk_nll.defvjp(_chunk_nll_fwd, _chunk_nll_bwd)
 
 
 def chunked_nll(params: Params, h: jax.Array, targets: jax.Array, weights: jax.Array,
                 cfg: ModelConfig, chunk: int) -> jax.Array:
   """Sum of weighted next-token NLL over rows of h [R, D], `chunk` rows of logits at a time.
 
-  Each chunk is rematerialised, so the backward pass never holds more than one [chunk, V]
-  block of float32 logits.
+  Each chunk's logits live only inside its own forward step (see _chunk_nll), so the train
+  step never holds more than one [chunk, V] float32 block.
   """
   R, D = h.shape
   chunk = min(chunk, R)
@@ -84,10 +127,9 @@ def chunked_nll(params: Params, h: jax.Array, targets: jax.Array, weights: jax.A
     h = jnp.pad(h, ((0, pad), (0, 0)))
     targets, weights = jnp.pad(targets, (0, pad)), jnp.pad(weights, (0, pad))
   n = (R + pad) // chunk
-  fn = jax.checkpoint(functools.partial(_chunk_nll, cfg=cfg))
 
   def body(total, xs):
-    return total + fn(params, *xs), None
+    return total + _chunk_nll(params, *xs, cfg), None
 
   total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32),
                           (h.reshape(n, chunk, D), targets.reshape(n, chunk),
@@ -101,9 +143,10 @@ def loss_sum(lora: Lora | None, params: Params, batch: dict, cfg: ModelConfig,
   hidden = model.hidden_states(params, batch["tokens"], cfg, lora=lora,
                                positions=batch["positions"], segment_ids=batch["segment_ids"],
                                remat=opts.remat, dropout_key=dropout_key)
-  idx = batch["loss_idx"]
-  h = jnp.take_along_axis(hidden, idx[..., None], axis=1)  # [B, C, D]
-  targets = jnp.take_along_axis(batch["targets"], idx, axis=1)
+  idx = batch["loss_idx"]  # [groups, C], flat positions within each group of rows
+  groups, D = idx.shape[0], hidden.shape[-1]
+  h = jnp.take_along_axis(hidden.reshape(groups, -1, D), idx[..., None], axis=1)
+  targets = jnp.take_along_axis(batch["targets"].reshape(groups, -1), idx, axis=1)
   w = batch["loss_w"].astype(jnp.float32)
   nll = chunked_nll(params, h.reshape(-1, h.shape[-1]), targets.reshape(-1), w.reshape(-1),
                     cfg, opts.loss_chunk)
@@ -154,13 +197,18 @@ def make_mesh(devices=None) -> jax.sharding.Mesh:
   return jax.sharding.Mesh(np.asarray(devices), (DATA_AXIS,))
 
 
-def _split_micro(batch: dict, m: int) -> dict:
-  return jax.tree.map(lambda x: x.reshape(m, x.shape[0] // m, *x.shape[1:]), batch)
+def _split_micro(batch: dict, m: int, devices: int) -> dict:
+  """[devices * m * rows, ...] -> [m, devices * rows, ...]: micro-batch i takes group (d, i) of
+  every device d, matching the groups of add_loss_index."""
+  def split(x):
+    x = x.reshape(devices, m, x.shape[0] // (devices * m), *x.shape[1:]).swapaxes(0, 1)
+    return x.reshape(m, -1, *x.shape[3:])
+  return jax.tree.map(split, batch)
 
 
-def _grad_sums(lora, params, batch, key, cfg, opts):
+def _grad_sums(lora, params, batch, key, cfg, opts, devices=1):
   """Summed (not averaged) LoRA gradients, NLL and token count over the micro-batches."""
-  micro = _split_micro(batch, opts.micro_batches)
+  micro = _split_micro(batch, opts.micro_batches, devices)
   keys = jax.random.split(key, opts.micro_batches)
 
   def body(carry, xs):
@@ -195,7 +243,7 @@ def make_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation,
     grad_sums = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(), P(DATA_AXIS), P()),
                               out_specs=P(), check_vma=False)
   elif opts.parallel == "sharded":
-    grad_sums = functools.partial(_grad_sums, cfg=cfg, opts=opts)
+    grad_sums = functools.partial(_grad_sums, cfg=cfg, opts=opts, devices=mesh.devices.size)
   else:
     raise ValueError(f"unknown parallel mode {opts.parallel!r}; expected 'data' or 'sharded'")
 

@@ -38,7 +38,7 @@ def setup():
   batch = {"tokens": tokens[:, :-1], "targets": tokens[:, 1:],
            "positions": np.tile(np.arange(T), (B, 1)), "segment_ids": np.ones((B, T)),
            "loss_mask": rng.random((B, T)) < 0.6}
-  return params, adapter, train.add_loss_index(batch, multiple=4)
+  return params, adapter, batch
 
 
 def one_step(devices, opts, rows=slice(None)):
@@ -50,7 +50,7 @@ def one_step(devices, opts, rows=slice(None)):
       params, mesh)
   local = {k: v[rows] for k, v in batch.items()}
   new, _, metrics = step(train.replicate(adapter, mesh), train.replicate(opt.init(adapter), mesh),
-                         params, train.shard_batch(local, mesh))
+                         params, train.prepare_batch(local, mesh, opts.micro_batches, multiple=4))
   flat = np.concatenate([np.asarray(jax.device_get(x)).ravel() for x in jax.tree.leaves(
       jax.experimental.multihost_utils.process_allgather(new, tiled=True))])
   return {"loss": float(metrics["loss"]), "lora": flat}
