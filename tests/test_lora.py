@@ -8,15 +8,7 @@ import torch
 from safetensors.numpy import load_file
 
 import reference as ref
-from jax_it import lora, model, train, weights
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-  path = tmp_path_factory.mktemp("gemma2")
-  hf = ref.tiny_gemma2(path, window=8)
-  params, cfg = weights.load(str(path))
-  return hf, params, cfg
+from jax_it import lora, model, train
 
 
 def _our_grads(adapter, params, cfg, batch):

@@ -8,21 +8,12 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 import torch
 
 import reference as ref
-from jax_it import lora, model, train, weights
+from jax_it import lora, train
 
 HERE = os.path.dirname(__file__)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-  path = tmp_path_factory.mktemp("gemma2")
-  hf = ref.tiny_gemma2(path, window=8)
-  params, cfg = weights.load(str(path))
-  return hf, params, cfg
 
 
 def test_training_curve_matches_torch_peft(tiny, tmp_path):
