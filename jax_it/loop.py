@@ -295,9 +295,11 @@ def _report(log: MetricsLog, bar, pending, schedule):
   m = {k: float(v) for k, v in metrics.items()}  # blocks until that step is done
   now = time.perf_counter()
   seconds, log.last_time = now - log.last_time, now
-  if not math.isfinite(m["loss"]):
-    raise RunError(f"loss is {m['loss']} at step {step}; stopped without saving it (the last "
-                   f"checkpoint, if any, is intact)")
+  if not math.isfinite(m["loss"]) or not m["weights_finite"]:
+    what = (f"loss is {m['loss']}" if not math.isfinite(m["loss"]) else
+            "the LoRA weights are not finite (learning rate too high?)")
+    raise RunError(f"{what} at step {step}; stopped without saving it (the last checkpoint, "
+                   f"if any, is intact)")
   record = {"step": step, "loss": m["loss"], "loss_tokens": int(m["tokens"]),
             "real_tokens": real, "grad_norm": m["grad_norm"], "lr": float(schedule(step - 1)),
             "tokens_per_s": real / max(seconds, 1e-9)}

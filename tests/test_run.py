@@ -129,6 +129,18 @@ def test_bad_input_is_one_line_without_traceback(args, message):
   assert len(out.stderr.strip().splitlines()) == 1, out.stderr
 
 
+def test_divergence_stops_naming_the_step_and_saves_nothing(tmp_path):
+  run_dir = str(tmp_path / "diverged")
+  out = run("--config", TINY, "--no-progress", "--run-dir", run_dir, "train.lr=1e38",
+            "train.clip_norm=0", "train.warmup_steps=0", "train.schedule=constant",
+            "train.micro_batches=1", "train.eval_every=0", "checkpoint.every=1", check=False)
+  assert out.returncode == 2, out.stderr[-2000:]
+  assert "not finite" in out.stderr and "at step 1;" in out.stderr, out.stderr
+  assert "Traceback" not in out.stderr
+  saved = [d for d in os.listdir(os.path.join(run_dir, "checkpoints")) if d.isdigit()]
+  assert saved == []  # the diverged state never reached a checkpoint
+
+
 def test_run_dir_of_another_run_is_refused(trained):
   run_dir, _ = trained
   out = run("--config", TINY, "--run-dir", run_dir, "lora.r=2", check=False)
