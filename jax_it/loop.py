@@ -178,7 +178,8 @@ def _eval_fn(mcfg, opts):
 class MetricsLog:
   """metrics.jsonl (truncated to the resumed step, so a resumed log reads as one run) + TensorBoard."""
 
-  def __init__(self, run_dir: str, resume_step: int):
+  def __init__(self, run_dir: str, resume_step: int, every: int = 1, last_step: int = 0):
+    self.every, self.last_step = every, last_step
     self.path = os.path.join(run_dir, "metrics.jsonl")
     kept = []
     if os.path.exists(self.path):
@@ -244,7 +245,7 @@ def train_loop(s: Setup, progress: bool = True) -> dict:
     adapter, opt_state, start = ckpt.restore(adapter, opt_state, it, ident)
   adapter, opt_state = train.replicate(adapter, s.mesh), train.replicate(opt_state, s.mesh)
   step_fn = train.make_train_step(s.mcfg, optimizer, s.mesh, step_options(t, s.cfg.model.remat))
-  log = MetricsLog(s.run_dir, start)
+  log = MetricsLog(s.run_dir, start, t.log_every, steps)
   bar = _progress(progress, start, steps)
   stop, pending, last_saved = _Interrupt(), None, start
   key = jax.random.key(t.seed)
@@ -303,7 +304,8 @@ def _report(log: MetricsLog, bar, pending, schedule):
   record = {"step": step, "loss": m["loss"], "loss_tokens": int(m["tokens"]),
             "real_tokens": real, "grad_norm": m["grad_norm"], "lr": float(schedule(step - 1)),
             "tokens_per_s": real / max(seconds, 1e-9)}
-  log.write(record)
+  if step % log.every == 0 or step == log.last_step:
+    log.write(record)
   if bar is not None:
     bar.update(step - bar.n)
     bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}",

@@ -253,8 +253,8 @@ def make_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation,
     grads = jax.tree.map(lambda x: x / n, g)
     updates, opt_state = optimizer.update(grads, opt_state, lora)
     lora = optax.apply_updates(lora, updates)
-    metrics = {"loss": nll / n, "tokens": n, "grad_norm": optax.global_norm(grads),
-               "weights_finite": jnp.isfinite(optax.global_norm(lora)).astype(jnp.float32)}
+    metrics = {"loss": nll / n, "tokens": n, "grad_norm": optax.tree.norm(grads),
+               "weights_finite": jnp.isfinite(optax.tree.norm(lora)).astype(jnp.float32)}
     return lora, opt_state, metrics
 
   jitted = jax.jit(step, donate_argnums=(0, 1))
