@@ -10,12 +10,9 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 COMMANDS = ("train", "eval", "generate", "export", "compare")
-DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs",
-                              "default.yaml")
 
 
 def parse(argv):

@@ -60,9 +60,6 @@ class Checkpointer:
         lora=ocp.args.StandardRestore(_abstract(lora))))
     return out["lora"], step
 
-  def wait(self):
-    self.manager.wait_until_finished()
-
   def close(self):
     self.manager.wait_until_finished()
     self.manager.close()

@@ -15,9 +15,11 @@ def run(args) -> int:
   try:
     maybe_initialize_distributed()
     return COMMANDS[args.command](args)
+  except loop.Interrupted as e:
+    print(f"\n{e}", file=sys.stderr)
+    return 130
   except KeyboardInterrupt:
-    print("\ninterrupted: the latest state was saved; run the same command to resume",
-          file=sys.stderr)
+    print("\ninterrupted", file=sys.stderr)
     return 130
   except EXPECTED as e:
     print(f"error: {e}", file=sys.stderr)
@@ -34,9 +36,13 @@ def maybe_initialize_distributed():
   import jax
   env = os.environ
   if env.get("JAX_COORDINATOR_ADDRESS"):
+    try:
+      n, i = int(env["JAX_NUM_PROCESSES"]), int(env["JAX_PROCESS_ID"])
+    except (KeyError, ValueError):
+      raise loop.RunError("JAX_COORDINATOR_ADDRESS is set: JAX_NUM_PROCESSES and JAX_PROCESS_ID "
+                          "must be set to integers too") from None
     jax.distributed.initialize(coordinator_address=env["JAX_COORDINATOR_ADDRESS"],
-                               num_processes=int(env["JAX_NUM_PROCESSES"]),
-                               process_id=int(env["JAX_PROCESS_ID"]))
+                               num_processes=n, process_id=i)
   elif env.get("JAX_DISTRIBUTED") == "1":
     jax.distributed.initialize()
 
@@ -55,7 +61,7 @@ def _run_dir(args, config_path: str | None) -> str:
 def _prepare_run_dir(run_dir: str):
   try:
     os.makedirs(run_dir, exist_ok=True)
-    probe = os.path.join(run_dir, ".write_test")
+    probe = os.path.join(run_dir, f".write_test.{os.getpid()}")
     with open(probe, "w") as f:
       f.write("")
     os.remove(probe)
@@ -79,6 +85,10 @@ def _saved_config(args) -> tuple[config.RunConfig, str]:
 def _load_adapter(s: loop.Setup, required: bool = True):
   import jax
   from jax_it import lora
+  if not os.path.isdir(os.path.join(s.run_dir, "checkpoints")):
+    if required:
+      raise loop.RunError(f"{s.run_dir} has no checkpoint yet; train first")
+    return None
   ckpt = checkpoint.Checkpointer(s.run_dir, async_save=False)
   try:
     if ckpt.latest_step() is None:
@@ -97,6 +107,7 @@ def _load_adapter(s: loop.Setup, required: bool = True):
 
 
 def cmd_train(args) -> int:
+  import jax
   from jax_it import evaluate
   path = args.config or os.path.relpath(_default_config())
   cfg = config.load_config(path, args.overrides)
@@ -105,14 +116,15 @@ def cmd_train(args) -> int:
   print(f"run directory: {run_dir}", flush=True)
   s = loop.setup(cfg, run_dir)
   saved = os.path.join(run_dir, "config.yaml")
-  if not os.path.exists(saved):
+  if not os.path.exists(saved) and jax.process_index() == 0:
     config.save_config(cfg, saved)
   print(f"model: {cfg.model.path} ({s.mcfg.family}, {s.mcfg.num_layers} layers), train records: "
         f"{len(s.splits['train'])}, held out: {len(s.splits['test'])}", flush=True)
   summary = loop.train_loop(s, progress=not args.no_progress)
   if cfg.report.eval_samples and s.splits["test"]:
     result = evaluate.compare(s, summary["adapter"], s.splits["test"], cfg.report.eval_samples)
-    print(evaluate.write(result, run_dir, cfg.report.show))
+    if jax.process_index() == 0:  # every process computes, one writes
+      print(evaluate.write(result, run_dir, cfg.report.show))
   return 0
 
 

@@ -108,13 +108,12 @@ class TrainSection:
   parallel: str = _field("data", choices=("data", "sharded"))
   loss_chunk: int = _field(512, check=POSITIVE)  # tokens per chunk of the cross-entropy
   log_every: int = _field(1, check=POSITIVE)
-  eval_every: int = _field(0, check=NON_NEGATIVE)  # 0: only at the end
+  eval_every: int = _field(0, check=NON_NEGATIVE)  # 0: only at the last step
   eval_batches: int = _field(0, check=NON_NEGATIVE)  # 0: the whole held-out split
 
 
 @dataclasses.dataclass
 class CheckpointSection:
-  dir: str = _field("runs/default")  # added: the run directory (checkpoints, logs, reports)
   every: int = _field(0, check=NON_NEGATIVE)  # steps; 0: only at the end
   keep: int = _field(3, check=POSITIVE)
   async_save: bool = _field(True)

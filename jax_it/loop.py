@@ -22,6 +22,10 @@ class RunError(RuntimeError):
   """A run that cannot go on; the message says why (the CLI prints it without a traceback)."""
 
 
+class Interrupted(Exception):
+  """Ctrl-C during training, after the state was saved."""
+
+
 # ---------------------------------------------------------------------------------------------
 # Set-up: model, data, adapter
 
@@ -53,12 +57,15 @@ def load_model(section: config.ModelSection):
     if name not in model.PRESETS:
       raise RunError(f"model.path={path!r}: unknown preset; expected one of {sorted(model.PRESETS)}")
     mcfg = model.PRESETS[name]
+    # random models borrow the packaged Gemma 3 tokenizer; the table must cover its ids
+    tokenizer = weights.load_tokenizer(packaged_gemma_path())
+    if mcfg.vocab_size < len(tokenizer):
+      mcfg = dataclasses.replace(mcfg, vocab_size=len(tokenizer))
     params = model.init_params(jax.random.key(0), mcfg, dtype)
     if section.quant == "int8":
       from jax_it import quant
       params = quant.quantize_int8(params, dtype)
-    # random models borrow the packaged Gemma 3 tokenizer (their vocab is sized for it)
-    return params, mcfg, weights.load_tokenizer(packaged_gemma_path())
+    return params, mcfg, tokenizer
   if path == PACKAGED_GEMMA:
     path = packaged_gemma_path()
   params, mcfg = weights.load(path, dtype=dtype)
@@ -92,6 +99,10 @@ def lora_config(section: config.LoraSection) -> lora.LoraConfig:
 
 
 def setup(cfg: config.RunConfig, run_dir: str) -> Setup:
+  groups = jax.device_count() * cfg.train.micro_batches
+  if cfg.train.batch_size % groups:
+    raise RunError(f"train.batch_size={cfg.train.batch_size} must be a multiple of devices "
+                   f"({jax.device_count()}) x train.micro_batches ({cfg.train.micro_batches})")
   params, mcfg, tokenizer = load_model(cfg.model)
   dcfg = data_config(cfg.data)
   splits = load_splits(cfg.data, dcfg)
@@ -105,8 +116,9 @@ def setup(cfg: config.RunConfig, run_dir: str) -> Setup:
 
 def identity(s: Setup) -> dict:
   """What must match for a checkpoint to belong to this run."""
-  ident = {"model": s.cfg.model.path, "lora": dataclasses.asdict(s.lcfg),
-           "data": s.cfg.data.path, "batch_size": s.cfg.train.batch_size}
+  pipeline = {k: v for k, v in dataclasses.asdict(s.cfg.data).items() if k != "workers"}
+  ident = {"model": s.cfg.model.path, "lora": dataclasses.asdict(s.lcfg), "data": pipeline,
+           "batch_size": s.cfg.train.batch_size}
   return json.loads(json.dumps(ident))  # as it reads back from the checkpoint (lists, not tuples)
 
 
@@ -150,6 +162,8 @@ def step_options(t: config.TrainSection, remat: bool) -> train.StepOptions:
 
 def eval_loss(s: Setup, adapter, records, max_batches: int = 0) -> float:
   """Mean response-token (loss-mask) NLL over records, in pad mode, no shuffle."""
+  if not records:
+    return float("nan")
   fn = _eval_fn(s.mcfg, step_options(s.cfg.train, False))
   nll, count = 0.0, 0.0
   batches = data.eval_batches(records, s.tokenizer, s.dcfg, s.cfg.train.batch_size)
@@ -181,10 +195,14 @@ class MetricsLog:
   def __init__(self, run_dir: str, resume_step: int, every: int = 1, last_step: int = 0):
     self.every, self.last_step = every, last_step
     self.path = os.path.join(run_dir, "metrics.jsonl")
+    self.enabled = jax.process_index() == 0  # one writer per run directory
     kept = []
-    if os.path.exists(self.path):
+    if self.enabled and os.path.exists(self.path):
       with open(self.path) as f:
-        kept = [line for line in f if json.loads(line).get("step", 0) <= resume_step]
+        kept = [line for line in f if _step_of(line) <= resume_step]
+    if not self.enabled:
+      self.file, self.tb = None, None
+      return
     with open(self.path + ".tmp", "w") as f:
       f.writelines(kept)
     os.replace(self.path + ".tmp", self.path)
@@ -197,6 +215,8 @@ class MetricsLog:
       self.tb = None
 
   def write(self, record: dict):
+    if not self.enabled:
+      return
     self.file.write(json.dumps(record) + "\n")
     self.file.flush()
     if self.tb is not None:
@@ -205,7 +225,8 @@ class MetricsLog:
           self.tb.add_scalar(k, v, record["step"])
 
   def close(self):
-    self.file.close()
+    if self.file is not None:
+      self.file.close()
     if self.tb is not None:
       self.tb.close()
 
@@ -223,6 +244,7 @@ class _Interrupt:
 
   def _handle(self, *_):
     self.hit = True
+    signal.signal(signal.SIGINT, self.previous)  # a second Ctrl-C stops at once
 
   def restore(self):
     signal.signal(signal.SIGINT, self.previous)
@@ -261,9 +283,8 @@ def train_loop(s: Setup, progress: bool = True) -> dict:
       if pending is not None:  # read the previous step's metrics: the host never waits on this one
         _report(log, bar, pending, schedule)
       pending = (step, metrics, real)
-      if t.eval_every and step % t.eval_every == 0 and step < steps:
-        log.write({"step": step, "val_loss": eval_loss(s, adapter, s.splits["validation"],
-                                                       t.eval_batches)})
+      if (t.eval_every and step % t.eval_every == 0) or step == steps:
+        _validate(s, log, step, adapter)
       if s.cfg.checkpoint.every and step % s.cfg.checkpoint.every == 0:
         _report(log, bar, pending, schedule)
         pending = None
@@ -273,19 +294,33 @@ def train_loop(s: Setup, progress: bool = True) -> dict:
       _report(log, bar, pending, schedule)
     if step > last_saved:
       ckpt.save(step, adapter, opt_state, it, ident, force=True)
-    ckpt.close()
     if stop.hit:
-      raise KeyboardInterrupt
+      raise Interrupted(f"interrupted at step {step}; saved. Run the same command to resume")
     return {"steps": step, "adapter": adapter, "log": log.path}
   finally:
+    ckpt.close()  # waits for an async save in flight, also when the run failed
     stop.restore()
     log.close()
     if bar is not None:
       bar.close()
 
 
+def _validate(s: Setup, log: MetricsLog, step: int, adapter):
+  if s.splits["validation"]:
+    log.write({"step": step, "val_loss": eval_loss(s, adapter, s.splits["validation"],
+                                                   s.cfg.train.eval_batches)})
+
+
+def _step_of(line: str) -> float:
+  """The step of a metrics.jsonl line; a torn last line (killed mid-write) counts as past."""
+  try:
+    return json.loads(line).get("step", 0)
+  except json.JSONDecodeError:
+    return math.inf
+
+
 def _progress(enabled: bool, start: int, steps: int):
-  if not enabled:
+  if not enabled or jax.process_index() != 0:
     return None
   from tqdm import tqdm
   return tqdm(total=steps, initial=start, unit="step", dynamic_ncols=True)
