@@ -1,7 +1,7 @@
 """A Gemma 2 2B-shaped LoRA train step on CPU: step time, compile time, peak memory (24 GB box).
 
 Usage: python benchmarks/gemma2_2b_step.py [--length 256] [--steps 2] [--weights bfloat16]
-           [--layers 2,8,26] [--skip-2b] [--no-record]
+           [--matmul params|bfloat16] [--remat] [--layers 2,8,26] [--skip-2b] [--no-record]
 
 Random bfloat16 weights with model.init_params' tree and distribution, generated one layer (or
 embedding row block) at a time, so no float32 copy of the 2.6B parameters ever exists. One batch row of `length` random
@@ -98,7 +98,7 @@ def random_params(key, cfg, dtype):
   return params
 
 
-def build(cfg, dtype, weights: str = "bfloat16"):
+def build(cfg, dtype, weights: str = "bfloat16", remat: bool = False):
   """(params, step, adapter, opt_state, mesh) for a random model of cfg."""
   import jax  # pylint: disable=g-import-not-at-top
   from jax_it import lora, train  # pylint: disable=g-import-not-at-top
@@ -110,19 +110,19 @@ def build(cfg, dtype, weights: str = "bfloat16"):
   mesh = train.make_mesh()
   opt = train.make_optimizer(2e-4, weight_decay=0.01)
   adapter = lora.init(jax.random.key(1), cfg, lora.LoraConfig(r=LORA_R, alpha=LORA_ALPHA))
-  step = train.make_train_step(cfg, opt, mesh)
+  step = train.make_train_step(cfg, opt, mesh, train.StepOptions(remat=remat))
   return (train.replicate(params, mesh), step, train.replicate(adapter, mesh),
           train.replicate(opt.init(adapter), mesh), mesh)
 
 
 def time_steps(cfg, dtype, length: int, steps: int, clock: CompileClock, rows: int = 1,
-               weights: str = "bfloat16") -> dict:
+               weights: str = "bfloat16", remat: bool = False) -> dict:
   """Compile (first call) and then `steps` timed steps on one random batch."""
   import jax  # pylint: disable=g-import-not-at-top
   from jax_it import train  # pylint: disable=g-import-not-at-top
 
   t = time.perf_counter()
-  params, step, adapter, opt_state, mesh = build(cfg, dtype, weights)
+  params, step, adapter, opt_state, mesh = build(cfg, dtype, weights, remat)
   jax.block_until_ready(params)
   init_s, rss_init = time.perf_counter() - t, bench.peak_rss_gb()
   raw = random_batch(length, cfg.vocab_size, rows)
@@ -184,6 +184,9 @@ def main():
   ap.add_argument("--length", type=int, default=256, help="tokens in the one batch row")
   ap.add_argument("--steps", type=int, default=2, help="timed steps after the compiling one")
   ap.add_argument("--weights", choices=("bfloat16", "int8"), default="bfloat16")
+  ap.add_argument("--matmul", choices=("params", "bfloat16"), default="params",
+                  help="model.matmul: bfloat16 = bfloat16 inputs, float32 accumulation/activations")
+  ap.add_argument("--remat", action="store_true", help="recompute layers in the backward pass")
   ap.add_argument("--layers", default="2,8,26", help="tiny-preset layer counts for compile time")
   ap.add_argument("--skip-2b", action="store_true", help="only the compile-time scaling")
   ap.add_argument("--no-record", action="store_true", help="do not append to RESULTS.md")
@@ -196,8 +199,11 @@ def main():
   big = None
   if not args.skip_2b:
     print("  gemma2-2b: building random bf16 weights and compiling...", flush=True)
-    big = time_steps(model.PRESETS["gemma2-2b"], jnp.bfloat16, args.length, args.steps, clock,
-                     weights=args.weights)
+    cfg = model.PRESETS["gemma2-2b"]
+    if args.matmul != "params":
+      cfg = dataclasses.replace(cfg, matmul_dtype=args.matmul)
+    big = time_steps(cfg, jnp.bfloat16, args.length, args.steps, clock, weights=args.weights,
+                     remat=args.remat)
   text = report(big, scaling, args)
   print(text)
   if not args.no_record:
@@ -207,7 +213,7 @@ def main():
               f"- command: `{cmd.strip()}`\n- date: {bench.utc_date()}\n"
               f"- machine: {bench.machine()}\n- batch 1 x {args.length} random tokens, loss on "
               f"every position, LoRA r={LORA_R} on q_proj, v_proj, random weights, base "
-              f"{args.weights}\n\n"
+              f"{args.weights}, model.matmul={args.matmul}, remat={args.remat}\n\n"
               f"{text}\n")
 
 

@@ -44,7 +44,7 @@ def against_torch(s: loop.Setup, adapter) -> dict:
   import torch
 
   params, mcfg, _ = loop.load_model(dataclasses.replace(s.cfg.model, dtype="float32",
-                                                        quant="none"))
+                                                        matmul="params", quant="none"))
   if adapter is None:  # no run yet: a random adapter with nonzero B exercises the LoRA path
     adapter = lora.init(jax.random.key(0), mcfg, s.lcfg)
     adapter = adapter.replace(weights=jax.tree.map(

@@ -45,6 +45,9 @@ class ModelSection:
   # model.PRESETS entry; otherwise a checkpoint file/dir (Flax, HF safetensors, GGUF) or hub id.
   path: str = _field("gemma3-270m")
   dtype: str = _field("float32", choices=("float32", "bfloat16"))
+  # "params": matmuls in the parameters' dtype; "bfloat16": matmul inputs rounded to bfloat16
+  # with float32 accumulation, everything else (residual stream, norms, softmax) in float32
+  matmul: str = _field("params", choices=("params", "bfloat16"))
   remat: bool = _field(False)
   quant: str = _field("none", choices=("none", "int8"))
 

@@ -50,6 +50,12 @@ def packaged_gemma_path() -> str:
 
 def load_model(section: config.ModelSection):
   """(params, model config, tokenizer) for model.path: the packaged Gemma, random:<preset>, a path."""
+  params, mcfg, tokenizer = _load_model(section)
+  matmul = None if section.matmul == "params" else section.matmul
+  return params, dataclasses.replace(mcfg, matmul_dtype=matmul), tokenizer
+
+
+def _load_model(section: config.ModelSection):
   dtype = jnp.bfloat16 if section.dtype == "bfloat16" else jnp.float32
   path = section.path
   if path.startswith("random:"):

@@ -13,6 +13,7 @@ kv_einsum [2, K, D, H]; `weights.py` converts from and to the on-disk variants.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -51,6 +52,9 @@ class ModelConfig:
   norm_eps: float = 1e-6
   # layout of the checkpoint this config came from, kept so saving reproduces it
   transposed_gating: bool = False
+  # compute, not architecture: when set (e.g. "bfloat16"), every matmul rounds its inputs to this
+  # dtype and accumulates in float32 (see `einsum`); None keeps the inputs' own dtype
+  matmul_dtype: str | None = None
 
   def __post_init__(self):
     if self.family not in FAMILIES:
@@ -142,11 +146,64 @@ def init_params(key: jax.Array, cfg: ModelConfig, dtype=jnp.float32) -> Params:
 # Building blocks
 
 
-def weight(d: dict, key: str = "w") -> jax.Array:
-  """A weight as a float array: int8 weights (see quant.py) carry a `<key>_scale` beside them."""
-  w = d[key]
-  scale = d.get(key + "_scale")
+def einsum(eq: str, x: jax.Array, w: jax.Array, dtype: str | None = None, *,
+           scale: jax.Array | None = None, part: int | None = None) -> jax.Array:
+  """`jnp.einsum(eq, x, w)` with a hand-written backward pass; w may be an int8 weight.
+
+  With `dtype` (e.g. "bfloat16") both inputs are rounded to it and the result is float32: the
+  matmul reaches the fast bfloat16 units with float32 accumulation, and the backward pass rounds
+  the incoming gradient the same way, so its matmuls are as fast as the forward one. `scale`
+  dequantizes an int8 `w` (see quant.py); `part` uses `w[part]`, one half of a stacked gate/up
+  or key/value weight. The backward pass keeps `w` itself, not a slice, dequantized or rounded
+  copy: under `lax.scan` over layers a derived weight would be stored once per layer.
+  """
+  dtype = None if dtype is None else jnp.dtype(dtype).name
+  return _einsum(eq, dtype, part, x, w, scale)
+
+
+def _weight_part(w, scale, part):
+  if part is not None:
+    w, scale = w[part], None if scale is None else scale[part]
   return w if scale is None else w.astype(scale.dtype) * scale
+
+
+def _einsum_fwd(eq, dtype, part, x, w, scale):
+  wp = _weight_part(w, scale, part)
+  if dtype is None:
+    return jnp.einsum(eq, x, wp), (x, w, scale, jnp.zeros((0,), x.dtype))
+  xl = x.astype(dtype)
+  out = jnp.einsum(eq, xl, wp.astype(dtype), preferred_element_type=jnp.float32)
+  return out, (xl, w, scale, jnp.zeros((0,), x.dtype))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _einsum(eq, dtype, part, x, w, scale):
+  return _einsum_fwd(eq, dtype, part, x, w, scale)[0]
+
+
+def _einsum_bwd(eq, dtype, part, res, g):
+  x, w, scale, x_like = res
+  wp = _weight_part(w, scale, part)
+  ins, out = eq.split("->")
+  a, b = ins.split(",")
+  if dtype is None:
+    dx = jnp.einsum(f"{out},{b}->{a}", g, wp)
+    dwp = jnp.einsum(f"{a},{out}->{b}", x, g)
+  else:
+    g, wp = g.astype(dtype), wp.astype(dtype)
+    dx = jnp.einsum(f"{out},{b}->{a}", g, wp, preferred_element_type=jnp.float32)
+    dwp = jnp.einsum(f"{a},{out}->{b}", x, g, preferred_element_type=jnp.float32)
+  # The gradient of a frozen base weight is never used and XLA drops it; it is formed so that
+  # the rule is a complete VJP (LoRA weights and the attention core use it).
+  if scale is not None:  # an int8 weight: no gradient
+    return dx.astype(x_like.dtype), None, None
+  dw = dwp.astype(w.dtype)
+  if part is not None:
+    dw = jnp.zeros_like(w).at[part].set(dw)
+  return dx.astype(x_like.dtype), dw, None
+
+
+_einsum.defvjp(_einsum_fwd, _einsum_bwd)
 
 
 def activation_dtype(params: Params):
@@ -162,12 +219,15 @@ def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
   return (y * (1.0 + scale.astype(jnp.float32))).astype(x.dtype)
 
 
-def rope(x: jax.Array, positions: jax.Array, base: jax.Array, scale: jax.Array) -> jax.Array:
-  """Rotary embedding, half-split layout: x [B, T, N, H], positions [B, T]."""
-  H = x.shape[-1]
-  inv_freq = 1.0 / (base ** (jnp.arange(0, H, 2, dtype=jnp.float32) / H))
+def rope_table(positions: jax.Array, base: float, scale: float, head_dim: int):
+  """(sin, cos) [B, T, 1, H/2] of the rotary angles; computed once per forward, not per layer."""
+  inv_freq = 1.0 / (base ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
   angles = (positions.astype(jnp.float32) / scale)[..., None] * inv_freq  # [B, T, H/2]
-  sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
+  return jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
+
+
+def rope(x: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.Array:
+  """Rotary embedding, half-split layout: x [B, T, N, H], sin/cos from rope_table."""
   x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
   return out.astype(x.dtype)
@@ -177,14 +237,16 @@ def soft_cap(x: jax.Array, cap: float | None) -> jax.Array:
   return x if cap is None else cap * jnp.tanh(x / cap)
 
 
-def attention_mask(q_pos, k_pos, q_seg, k_seg, window, is_local):
-  """[B, T, S] bool: same segment, causal by position, within the window on local layers."""
+def attention_bias(q_pos, k_pos, q_seg, k_seg, window: int | None = None) -> jax.Array:
+  """[B, 1, 1, T, S] float32 added to the scores: 0 where a query may attend to a key (same
+  segment, causal by position, within `window` when given), a large negative value elsewhere.
+  An additive bias, unlike a select, needs nothing stored for the backward pass."""
   same = q_seg[:, :, None] == k_seg[:, None, :]
   delta = q_pos[:, :, None] - k_pos[:, None, :]
-  causal = delta >= 0
+  ok = same & (delta >= 0)
   if window is not None:
-    causal &= jnp.logical_or(jnp.logical_not(is_local), delta < window)
-  return same & causal
+    ok &= delta < window
+  return jnp.where(ok, 0.0, _MASK_VALUE).astype(jnp.float32)[:, None, None]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,75 +258,82 @@ class _LoraCtx:
   key: jax.Array | None = None
 
 
-def _proj(x, w, eq, ctx: _LoraCtx | None, name: str, salt: int):
-  """`einsum(eq, x, w)` plus the LoRA delta scale * (x A) B when the adapter targets `name`.
+def _proj(x, d, eq, ctx: _LoraCtx | None, name: str, salt: int, mm: str | None,
+          part: int | None = None):
+  """`einsum(eq, x, W)` plus the LoRA delta scale * (x A) B when the adapter targets `name`.
 
-  A contracts the trailing input axes of x (A: [*in, r]) and B maps r to the output axes
-  (B: [r, *out]), so one rule serves every projection and W + BA is never formed.
+  W is the weight dict `d` (int8 or not), or its half `part`; `mm` is the config's
+  matmul_dtype. A contracts the trailing input axes of x (A: [*in, r]) and B maps r to the
+  output axes (B: [r, *out]), so one rule serves every projection and W + BA is never formed.
   """
-  y = jnp.einsum(eq, x, w)
+  y = einsum(eq, x, d["w"], mm, scale=d.get("w_scale"), part=part)
   if ctx is None or name not in ctx.weights:
-    return y
+    return y.astype(x.dtype)
   a, b = ctx.weights[name]["a"], ctx.weights[name]["b"]
   if ctx.dropout > 0.0 and ctx.key is not None:
     keep = jax.random.bernoulli(jax.random.fold_in(ctx.key, salt), 1.0 - ctx.dropout, x.shape)
     x = jnp.where(keep, x / (1.0 - ctx.dropout), 0).astype(x.dtype)
-  xa = jnp.tensordot(x.astype(a.dtype), a, axes=a.ndim - 1)
-  delta = jnp.tensordot(xa, b, axes=1) * ctx.scale
-  return y + delta.astype(y.dtype)
+  if mm is None:
+    xa = jnp.tensordot(x.astype(a.dtype), a, axes=a.ndim - 1)
+    delta = jnp.tensordot(xa, b, axes=1) * ctx.scale
+    return y + delta.astype(y.dtype)
+  lead = "".join(chr(ord("a") + i) for i in range(x.ndim - (a.ndim - 1)))  # not "r"
+  ins, outs = "ABCD"[:a.ndim - 1], "EFGH"[:b.ndim - 1]
+  xa = einsum(f"{lead}{ins},{ins}r->{lead}r", x, a, mm)
+  delta = einsum(f"{lead}r,r{outs}->{lead}{outs}", xa, b, mm)
+  return (y + delta * ctx.scale).astype(x.dtype)
 
 
 # ---------------------------------------------------------------------------------------------
 # The transformer layer
 
 
-def _attention(x, p, ctx, cfg, positions, segment_ids, is_local, rope_base, rope_scale, cache):
+def _attention(x, p, ctx, cfg, bias, sin, cos, cache):
   """Self-attention of one layer; returns the output and the updated layer cache (or None)."""
   B, T, _ = x.shape
   K, H = cfg.num_kv_heads, cfg.head_dim
   G = cfg.num_heads // K
-  kv = weight(p["kv_einsum"])
-  q = _proj(x, weight(p["q_einsum"]), "BTD,NDH->BTNH", ctx, "q_proj", 0)
-  k = _proj(x, kv[0], "BSD,KDH->BSKH", ctx, "k_proj", 1)
-  v = _proj(x, kv[1], "BSD,KDH->BSKH", ctx, "v_proj", 2)
+  mm = cfg.matmul_dtype
+  q = _proj(x, p["q_einsum"], "BTD,NDH->BTNH", ctx, "q_proj", 0, mm)
+  k = _proj(x, p["kv_einsum"], "BSD,KDH->BSKH", ctx, "k_proj", 1, mm, part=0)
+  v = _proj(x, p["kv_einsum"], "BSD,KDH->BSKH", ctx, "v_proj", 2, mm, part=1)
   if cfg.use_qk_norm:
     q = rms_norm(q, p["_query_norm"]["scale"], cfg.norm_eps)
     k = rms_norm(k, p["_key_norm"]["scale"], cfg.norm_eps)
-  q = rope(q, positions, rope_base, rope_scale)
-  k = rope(k, positions, rope_base, rope_scale)
+  q = rope(q, sin, cos)
+  k = rope(k, sin, cos)
   q = q * jnp.asarray(cfg.query_pre_attn_scalar ** -0.5, q.dtype)
-  k_pos, k_seg = positions, segment_ids
   new_cache = None
   if cache is not None:
-    k, v, k_pos, k_seg, new_cache = _update_cache(cache, k, v, positions, segment_ids)
+    k, v, new_cache = _update_cache(cache, k, v)
   q = q.reshape(B, T, K, G, H)
-  scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32)
+  if mm is None:
+    scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32)
+  else:
+    scores = einsum("BTKGH,BSKH->BKGTS", q, k, mm)
   scores = soft_cap(scores, cfg.attn_logits_soft_cap)
-  mask = attention_mask(positions, k_pos, segment_ids, k_seg, cfg.sliding_window, is_local)
-  scores = jnp.where(mask[:, None, None, :, :], scores, _MASK_VALUE)
+  scores = scores + bias
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-  enc = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v).reshape(B, T, K * G, H)
-  out = _proj(enc, weight(p["attn_vec_einsum"]), "BTNH,NHD->BTD", ctx, "o_proj", 3)
+  enc = einsum("BKGTS,BSKH->BTKGH", probs, v, mm).astype(v.dtype).reshape(B, T, K * G, H)
+  out = _proj(enc, p["attn_vec_einsum"], "BTNH,NHD->BTD", ctx, "o_proj", 3, mm)
   return out, new_cache
 
 
-def _mlp(x, p, ctx):
-  w = weight(p["gating_einsum"])
-  gate = _proj(x, w[0], "BTD,DF->BTF", ctx, "gate_proj", 4)
-  up = _proj(x, w[1], "BTD,DF->BTF", ctx, "up_proj", 5)
+def _mlp(x, p, ctx, mm):
+  gate = _proj(x, p["gating_einsum"], "BTD,DF->BTF", ctx, "gate_proj", 4, mm, part=0)
+  up = _proj(x, p["gating_einsum"], "BTD,DF->BTF", ctx, "up_proj", 5, mm, part=1)
   hidden = jax.nn.gelu(gate, approximate=True) * up
-  return _proj(hidden, weight(p["linear"]), "BTF,FD->BTD", ctx, "down_proj", 6)
+  return _proj(hidden, p["linear"], "BTF,FD->BTD", ctx, "down_proj", 6, mm)
 
 
-def _layer(x, p, ctx, cfg, positions, segment_ids, is_local, rope_base, rope_scale, cache):
+def _layer(x, p, ctx, cfg, bias, sin, cos, cache):
   h = rms_norm(x, p["pre_attention_norm"]["scale"], cfg.norm_eps)
-  h, new_cache = _attention(h, p["attn"], ctx, cfg, positions, segment_ids, is_local, rope_base,
-                            rope_scale, cache)
+  h, new_cache = _attention(h, p["attn"], ctx, cfg, bias, sin, cos, cache)
   if cfg.use_post_norms:
     h = rms_norm(h, p["post_attention_norm"]["scale"], cfg.norm_eps)
   x = x + h
   h = rms_norm(x, p["pre_ffw_norm"]["scale"], cfg.norm_eps)
-  h = _mlp(h, p["mlp"], ctx)
+  h = _mlp(h, p["mlp"], ctx, cfg.matmul_dtype)
   if cfg.use_post_norms:
     h = rms_norm(h, p["post_ffw_norm"]["scale"], cfg.norm_eps)
   return x + h, new_cache
@@ -283,14 +352,12 @@ def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=jnp.float32) -> 
           "index": jnp.zeros((), jnp.int32)}
 
 
-def _update_cache(cache, k, v, positions, segment_ids):
+def _update_cache(cache, k, v):
   """Write this call's keys/values at the cache index; return what attention reads."""
   idx = cache["index"]
   k_all = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), idx, 1)
   v_all = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), idx, 1)
-  pos = jax.lax.dynamic_update_slice_in_dim(cache["pos"], positions, idx, 1)
-  seg = jax.lax.dynamic_update_slice_in_dim(cache["seg"], segment_ids, idx, 1)
-  return k_all, v_all, pos, seg, {"k": k_all, "v": v_all}
+  return k_all, v_all, {"k": k_all, "v": v_all}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -303,6 +370,8 @@ def embed(params: Params, tokens: jax.Array, cfg: ModelConfig) -> jax.Array:
   if "input_embedding_scale" in emb:  # int8 rows: dequantize only the rows looked up
     scale = emb["input_embedding_scale"]
     x = x.astype(scale.dtype) * jnp.take(scale, tokens, axis=0)
+  if cfg.matmul_dtype is not None:  # mixed precision: only the matmul inputs are rounded
+    x = x.astype(jnp.float32)
   return x * jnp.asarray(cfg.embed_dim ** 0.5, x.dtype)
 
 
@@ -310,12 +379,15 @@ def logits_from_hidden(params: Params, hidden: jax.Array, cfg: ModelConfig) -> j
   """Tied output projection of final-normed hidden states, float32, soft-capped for Gemma 2."""
   emb = params["embedder"]
   table = emb["input_embedding"]
-  if "input_embedding_scale" in emb:  # per-row int8 scales apply to the vocab (output) axis
+  if cfg.matmul_dtype is not None:
+    logits = einsum("...D,VD->...V", hidden, table, cfg.matmul_dtype)
+  elif "input_embedding_scale" in emb:
     logits = jnp.einsum("...D,VD->...V", hidden, table.astype(hidden.dtype),
                         preferred_element_type=jnp.float32)
+  else:
+    logits = jnp.einsum("...D,VD->...V", hidden, table, preferred_element_type=jnp.float32)
+  if "input_embedding_scale" in emb:  # per-row int8 scales apply to the vocab (output) axis
     logits = logits * emb["input_embedding_scale"][:, 0].astype(jnp.float32)
-    return soft_cap(logits, cfg.final_logit_soft_cap)
-  logits = jnp.einsum("...D,VD->...V", hidden, table, preferred_element_type=jnp.float32)
   return soft_cap(logits, cfg.final_logit_soft_cap)
 
 
@@ -330,8 +402,19 @@ def hidden_states(params: Params, tokens: jax.Array, cfg: ModelConfig, *, lora=N
     segment_ids = jnp.ones((B, T), jnp.int32)
   x = embed(params, tokens, cfg)
   local = jnp.asarray(cfg.local_layers)
-  rope_base = jnp.where(local, cfg.rope_base_local, cfg.rope_base_global).astype(jnp.float32)
-  rope_scale = jnp.where(local, 1.0, cfg.rope_scale_global).astype(jnp.float32)
+  # Rotary tables and attention biases of local and global layers, built once, not per layer.
+  rope_global = rope_table(positions, cfg.rope_base_global, cfg.rope_scale_global, cfg.head_dim)
+  rope_local = rope_global
+  if (cfg.rope_base_local, 1.0) != (cfg.rope_base_global, cfg.rope_scale_global):
+    rope_local = rope_table(positions, cfg.rope_base_local, 1.0, cfg.head_dim)
+  k_pos, k_seg = positions, segment_ids  # what the keys are: this call's tokens, or the cache's
+  if cache is not None:
+    k_pos = jax.lax.dynamic_update_slice_in_dim(cache["pos"], positions, cache["index"], 1)
+    k_seg = jax.lax.dynamic_update_slice_in_dim(cache["seg"], segment_ids, cache["index"], 1)
+  bias_global = attention_bias(positions, k_pos, segment_ids, k_seg)
+  bias_local = bias_global
+  if cfg.sliding_window is not None and any(cfg.local_layers):
+    bias_local = attention_bias(positions, k_pos, segment_ids, k_seg, cfg.sliding_window)
   lora_w, keys = None, None
   if lora is not None:
     lora_w = lora.weights
@@ -340,26 +423,26 @@ def hidden_states(params: Params, tokens: jax.Array, cfg: ModelConfig, *, lora=N
   kv = None if cache is None else {"k": cache["k"], "v": cache["v"]}
 
   def body(x, xs):
-    p, lw, is_local, base, scale, layer_kv, key = xs
+    p, lw, is_local, layer_kv, key = xs
     ctx = None
     if lw is not None:
       ctx = _LoraCtx(lw, lora.cfg.scale, lora.cfg.dropout if key is not None else 0.0, key)
     layer_cache = None
     if layer_kv is not None:
-      layer_cache = dict(layer_kv, pos=cache["pos"], seg=cache["seg"], index=cache["index"])
-    return _layer(x, p, ctx, cfg, positions, segment_ids, is_local, base, scale, layer_cache)
+      layer_cache = dict(layer_kv, index=cache["index"])
+    pick = lambda a, b: a if a is b else jnp.where(is_local, a, b)  # noqa: E731
+    sin, cos = (pick(a, b) for a, b in zip(rope_local, rope_global))
+    return _layer(x, p, ctx, cfg, pick(bias_local, bias_global), sin, cos, layer_cache)
 
   if remat:
     body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
-  x, new_kv = jax.lax.scan(body, x, (params["layers"], lora_w, local, rope_base, rope_scale, kv,
-                                     keys))
+  x, new_kv = jax.lax.scan(body, x, (params["layers"], lora_w, local, kv, keys))
   x = rms_norm(x, params["final_norm"]["scale"], cfg.norm_eps)
   if cache is None:
     return x
   new_cache = {
       "k": new_kv["k"], "v": new_kv["v"],
-      "pos": jax.lax.dynamic_update_slice_in_dim(cache["pos"], positions, cache["index"], 1),
-      "seg": jax.lax.dynamic_update_slice_in_dim(cache["seg"], segment_ids, cache["index"], 1),
+      "pos": k_pos, "seg": k_seg,
       "index": cache["index"] + T,
   }
   return x, new_cache

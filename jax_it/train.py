@@ -83,14 +83,45 @@ def prepare_batch(batch: dict, mesh: jax.sharding.Mesh, micro_batches: int = 1,
 
 
 def _nll_and_dh(params, h, targets, weights, cfg):
-  """Weighted NLL sum of a chunk and its gradient w.r.t. h, from one pass over the logits."""
-  logits, vjp = jax.vjp(lambda x: model.logits_from_hidden(params, x, cfg), h)  # [chunk, V] f32
-  lse = jax.nn.logsumexp(logits, axis=-1)
-  picked = jnp.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]
-  dlogits = (jnp.exp(logits - lse[:, None]) -
-             jax.nn.one_hot(targets, logits.shape[-1], dtype=logits.dtype)) * weights[:, None]
-  (dh,) = vjp(dlogits)
-  return jnp.sum((lse - picked) * weights), dh
+  """Weighted NLL sum of a chunk and its gradient w.r.t. h, from one pass over the logits.
+
+  With z = h T^T (times the per-row scales of an int8 table) and logits = softcap(z), the
+  gradient is dh = sum_v w (p_v - [v = t]) J_v T_v, where J_v = d logit_v / d (h . T_v) holds
+  the row's int8 scale and the soft-cap derivative. The block multiplied by the table is
+  G = exp(logits - max) J, normalised after the matmul, whose target column holds
+  (exp(logit_t - max) - sum) J_t: formed in float32 before any rounding, so a confident target's
+  small p_t - 1 keeps its relative precision in a bfloat16 matmul. The table is never gathered
+  or converted inside the chunk loop (XLA would hoist a float32 copy of it out of the loop).
+  """
+  emb = params["embedder"]
+  table, scale = emb["input_embedding"], emb.get("input_embedding_scale")
+  cap = cfg.final_logit_soft_cap
+  mm = h.dtype if cfg.matmul_dtype is None else jnp.dtype(cfg.matmul_dtype)  # matmul inputs
+  table_mm = table.astype(mm)  # int8 tables: exact in any float dtype
+  z = jnp.einsum("RD,VD->RV", h.astype(mm), table_mm, preferred_element_type=jnp.float32)
+  if scale is not None:
+    z = z * scale[:, 0].astype(jnp.float32)
+  logits = model.soft_cap(z, cap)
+  rows = jnp.arange(logits.shape[0])
+  logit_t = logits[rows, targets]
+  m = jnp.max(logits, axis=-1)
+  e = jnp.exp(logits - m[:, None])
+  total = jnp.sum(e, axis=-1)
+  g_t = jnp.exp(logit_t - m) - total
+  if cap is not None:  # d softcap(z)/dz = 1 - tanh(z / cap)^2
+    e = e * (1.0 - jnp.square(logits / cap))
+    g_t = g_t * (1.0 - jnp.square(logit_t / cap))
+  if scale is not None:
+    s_row = scale[:, 0].astype(jnp.float32)
+    e, g_t = e * s_row, g_t * s_row[targets]
+  # The target column by a select against a 1-D iota (a scatter would cost a float32 copy of a
+  # bfloat16 block, a [R, V] iota or constant would be hoisted out of the loop and materialised).
+  is_t = jnp.arange(logits.shape[1], dtype=targets.dtype)[None, :] == targets[:, None]
+  g = jnp.where(is_t, g_t[:, None], e).astype(mm)
+  dh = jnp.einsum("RV,VD->RD", g, table_mm, preferred_element_type=jnp.float32)
+  dh = dh * (weights / total)[:, None]
+  nll = jnp.sum((m + jnp.log(total) - logit_t) * weights)
+  return nll, dh.astype(h.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -121,12 +152,16 @@ def chunked_nll(params: Params, h: jax.Array, targets: jax.Array, weights: jax.A
   step never holds more than one [chunk, V] float32 block.
   """
   R, D = h.shape
-  chunk = min(chunk, R)
-  pad = -R % chunk
+  n = -(-R // chunk)  # as many chunks as `chunk` asks for, then equal sizes: 640 rows with
+  chunk = -(-R // n)  # chunk=512 run as 2 x 320, not 2 x 512 with 384 rows of padding
+  pad = n * chunk - R
   if pad:
     h = jnp.pad(h, ((0, pad), (0, 0)))
     targets, weights = jnp.pad(targets, (0, pad)), jnp.pad(weights, (0, pad))
-  n = (R + pad) // chunk
+  if cfg.matmul_dtype is not None:  # round the table once, not once per chunk
+    emb = params["embedder"]
+    params = {"embedder": dict(emb, input_embedding=emb["input_embedding"].astype(
+        cfg.matmul_dtype))}
 
   def body(total, xs):
     return total + _chunk_nll(params, *xs, cfg), None

@@ -133,3 +133,44 @@ def test_real_gemma3_270m_matches_transformers_gguf(gemma3_params, gemma3_torch)
   out = _forward(params, jnp.asarray(tokens), cfg)
   assert out.shape == ref.shape
   assert _ratio(out, ref) <= 1e-4
+
+
+@pytest.mark.parametrize("eq,x_shape,w_shape,part,int8", [
+    ("BTD,NDH->BTNH", (2, 5, 8), (3, 8, 4), None, False),
+    ("BTD,DF->BTF", (2, 5, 8), (2, 8, 6), 1, False),
+    ("BTD,DF->BTF", (2, 5, 8), (2, 8, 6), 0, True),
+    ("BTNH,NHD->BTD", (2, 5, 3, 4), (3, 4, 8), None, True),
+    ("BKGTS,BSKH->BTKGH", (2, 1, 3, 5, 5), (2, 5, 1, 4), None, False),
+])
+def test_einsum_backward_matches_autodiff(eq, x_shape, w_shape, part, int8):
+  """model.einsum's hand-written VJP: equal to JAX's autodiff of jnp.einsum (float32), and
+  within bfloat16 rounding of it with dtype="bfloat16"."""
+  kx, kw, kg = jax.random.split(jax.random.key(0), 3)
+  x = jax.random.normal(kx, x_shape)
+  w = jax.random.normal(kw, w_shape)
+  scale = None
+  if int8:
+    axes = tuple(range(1, len(w_shape) - 1)) if part is None else (1,)
+    scale = jnp.max(jnp.abs(w), axis=axes, keepdims=True) / 127.0
+    w = jnp.round(w / scale).astype(jnp.int8)
+  dense = w if scale is None else w.astype(jnp.float32) * scale
+  dense = dense if part is None else dense[part]
+
+  def ours(x, w, dtype=None):
+    return model.einsum(eq, x, w, dtype, scale=scale, part=part)
+
+  out_shape = jnp.einsum(eq, x, dense).shape
+  g = jax.random.normal(kg, out_shape)
+  y_ref, vjp_ref = jax.vjp(lambda x, d: jnp.einsum(eq, x, d), x, dense)
+  dx_ref, dd_ref = vjp_ref(g)
+  for dtype, tol in ((None, 1e-6), ("bfloat16", 2e-2)):
+    if int8:
+      y, vjp = jax.vjp(lambda x: ours(x, w, dtype), x)
+      (dx,) = vjp(g)
+    else:
+      y, vjp = jax.vjp(lambda x, w: ours(x, w, dtype), x, w)
+      dx, dw = vjp(g)
+      dw = dw if part is None else dw[part]
+      assert _ratio(dw, dd_ref) <= tol, (dtype, "dw")
+    assert y.dtype == jnp.float32
+    assert _ratio(y, y_ref) <= tol and _ratio(dx, dx_ref) <= tol, dtype

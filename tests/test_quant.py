@@ -1,5 +1,7 @@
 """int8 weight-only base: half the bytes of bfloat16, nearly the same loss on the real Gemma 3 270M."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -32,3 +34,11 @@ def test_int8_base_halves_memory_and_keeps_the_loss(gemma3_params, gemma3_gguf_p
   adapter = lora.init(jax.random.key(0), cfg, lora.LoraConfig(r=4))
   grads = jax.grad(lambda a: train.mean_loss(a, int8, batch, cfg))(adapter)
   assert float(jnp.abs(grads.weights["q_proj"]["b"]).max()) > 0
+  # ... and with bfloat16 matmuls (int8 -> bfloat16 is exact; scales applied in float32)
+  mixed = dataclasses.replace(cfg, matmul_dtype="bfloat16")
+  loss_mixed = float(train.mean_loss(None, int8, batch, mixed))
+  assert abs(loss_mixed - loss_bf16) / loss_bf16 <= 0.01, (loss_mixed, loss_bf16)
+  grads_mixed = jax.grad(lambda a: train.mean_loss(a, int8, batch, mixed))(adapter)
+  for name in ("q_proj", "v_proj"):
+    a, b = (np.asarray(g.weights[name]["b"], np.float64) for g in (grads_mixed, grads))
+    assert np.linalg.norm(a - b) <= 0.1 * np.linalg.norm(b), name

@@ -70,7 +70,8 @@ def test_step_leaves_base_params_and_zero_b_gives_base_loss(tiny):
   opt = train.make_optimizer(train.make_schedule(1e-2, 10))
   step = train.make_train_step(cfg, opt, train.make_mesh(jax.devices()[:1]), opts)
   new, _, metrics = step(adapter, opt.init(adapter), params, batch)
-  assert float(metrics["loss"]) == float(base_loss)
+  # same math, two compiled programs (forward-only vs value-and-grad): equal up to rounding
+  np.testing.assert_allclose(float(metrics["loss"]), float(base_loss), rtol=1e-6)
   for x, y in zip(jax.tree.leaves(before), jax.tree.leaves(params)):
     np.testing.assert_array_equal(x, np.asarray(y))
   assert float(jnp.abs(new.weights["q_proj"]["b"]).max()) > 0  # B moved, A/B are the only state
