@@ -391,6 +391,14 @@ def logits_from_hidden(params: Params, hidden: jax.Array, cfg: ModelConfig) -> j
   return soft_cap(logits, cfg.final_logit_soft_cap)
 
 
+def _to_bits(w):
+  return jax.lax.bitcast_convert_type(w, jnp.uint16) if w.dtype == jnp.bfloat16 else w
+
+
+def _from_bits(w):
+  return jax.lax.bitcast_convert_type(w, jnp.bfloat16) if w.dtype == jnp.uint16 else w
+
+
 def hidden_states(params: Params, tokens: jax.Array, cfg: ModelConfig, *, lora=None,
                   positions=None, segment_ids=None, cache=None, remat: bool = False,
                   dropout_key=None):
@@ -422,8 +430,16 @@ def hidden_states(params: Params, tokens: jax.Array, cfg: ModelConfig, *, lora=N
       keys = jax.random.split(dropout_key, cfg.num_layers)
   kv = None if cache is None else {"k": cache["k"], "v": cache["v"]}
 
+  # The layers are indexed inside the loop, not scanned over as xs: scanned weights end up as
+  # residuals the backward pass stacks again, i.e. a per-step copy of every layer weight. bfloat16
+  # weights travel as uint16 bit patterns, because XLA's CPU backend otherwise keeps a float32
+  # copy of each stacked bfloat16 weight to slice from (2x the weights' bytes, every step).
+  layers = jax.tree.map(_to_bits, params["layers"])
+
   def body(x, xs):
-    p, lw, is_local, layer_kv, key = xs
+    i, lw, is_local, layer_kv, key = xs
+    p = jax.tree.map(lambda w: _from_bits(jax.lax.dynamic_index_in_dim(w, i, keepdims=False)),
+                     layers)
     ctx = None
     if lw is not None:
       ctx = _LoraCtx(lw, lora.cfg.scale, lora.cfg.dropout if key is not None else 0.0, key)
@@ -436,7 +452,7 @@ def hidden_states(params: Params, tokens: jax.Array, cfg: ModelConfig, *, lora=N
 
   if remat:
     body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
-  x, new_kv = jax.lax.scan(body, x, (params["layers"], lora_w, local, kv, keys))
+  x, new_kv = jax.lax.scan(body, x, (jnp.arange(cfg.num_layers), lora_w, local, kv, keys))
   x = rms_norm(x, params["final_norm"]["scale"], cfg.norm_eps)
   if cache is None:
     return x
