@@ -82,45 +82,75 @@ def prepare_batch(batch: dict, mesh: jax.sharding.Mesh, micro_batches: int = 1,
 # Loss
 
 
+VOCAB_BLOCK = 2048  # vocabulary rows per step of the loss: a [rows, 2048] block stays in cache
+
+
 def _nll_and_dh(params, h, targets, weights, cfg):
-  """Weighted NLL sum of a chunk and its gradient w.r.t. h, from one pass over the logits.
+  """Weighted NLL sum of a chunk and its gradient w.r.t. h, in one pass over the vocabulary.
 
   With z = h T^T (times the per-row scales of an int8 table) and logits = softcap(z), the
   gradient is dh = sum_v w (p_v - [v = t]) J_v T_v, where J_v = d logit_v / d (h . T_v) holds
-  the row's int8 scale and the soft-cap derivative. The block multiplied by the table is
-  G = exp(logits - max) J, normalised after the matmul, whose target column holds
-  (exp(logit_t - max) - sum) J_t: formed in float32 before any rounding, so a confident target's
-  small p_t - 1 keeps its relative precision in a bfloat16 matmul. The table is never gathered
-  or converted inside the chunk loop (XLA would hoist a float32 copy of it out of the loop).
+  the row's int8 scale and the soft-cap derivative. The vocabulary is walked in blocks of
+  VOCAB_BLOCK rows with a running max m and sum s (rescaled when m grows), accumulating
+  A = sum_{v != t} exp(logit_v - m) J_v T_v, so no [rows, V] array exists and both matmuls
+  run on cache-sized blocks. The target's term (exp(logit_t - m) - s) J_t T_t is added in
+  float32 at the end: a confident target's small p_t - 1 keeps its relative precision when the
+  blocks' matmuls run in bfloat16. dh = (A + that term) w / s.
+
+  The table comes as model._to_bits gives it (bfloat16 as uint16): XLA's CPU backend turns a
+  slice of a bfloat16 array into float32, and would hoist a float32 copy of the whole table out
+  of the loop.
   """
   emb = params["embedder"]
-  table, scale = emb["input_embedding"], emb.get("input_embedding_scale")
+  bits, scale = emb["input_embedding"], emb.get("input_embedding_scale")
   cap = cfg.final_logit_soft_cap
   mm = h.dtype if cfg.matmul_dtype is None else jnp.dtype(cfg.matmul_dtype)  # matmul inputs
-  table_mm = table.astype(mm)  # int8 tables: exact in any float dtype
-  z = jnp.einsum("RD,VD->RV", h.astype(mm), table_mm, preferred_element_type=jnp.float32)
-  if scale is not None:
-    z = z * scale[:, 0].astype(jnp.float32)
-  logits = model.soft_cap(z, cap)
-  rows = jnp.arange(logits.shape[0])
-  logit_t = logits[rows, targets]
-  m = jnp.max(logits, axis=-1)
-  e = jnp.exp(logits - m[:, None])
-  total = jnp.sum(e, axis=-1)
-  g_t = jnp.exp(logit_t - m) - total
-  if cap is not None:  # d softcap(z)/dz = 1 - tanh(z / cap)^2
-    e = e * (1.0 - jnp.square(logits / cap))
+  # Tied to h, the table is no loop invariant of the enclosing scans: JAX's scan partial
+  # evaluation would otherwise hoist every block's slice out of them as one stacked copy.
+  bits, hm = jax.lax.optimization_barrier((bits, h.astype(mm)))
+  R, D = h.shape
+  V = bits.shape[0]
+  f32 = jnp.float32
+
+  def block(carry, start, size):
+    m, s, acc, logit_t = carry
+    t_b = model._from_bits(jax.lax.dynamic_slice_in_dim(bits, start, size)).astype(mm)
+    z = jnp.einsum("RD,VD->RV", hm, t_b, preferred_element_type=f32)
+    if scale is not None:
+      s_b = jax.lax.dynamic_slice_in_dim(scale, start, size)[:, 0].astype(f32)
+      z = z * s_b
+    logits = model.soft_cap(z, cap)
+    is_t = (start + jnp.arange(size, dtype=targets.dtype))[None, :] == targets[:, None]
+    logit_t = logit_t + jnp.sum(jnp.where(is_t, logits, 0.0), axis=-1)
+    m_new = jnp.maximum(m, jnp.max(logits, axis=-1))
+    rescale = jnp.exp(m - m_new)
+    e = jnp.exp(logits - m_new[:, None])
+    s = s * rescale + jnp.sum(e, axis=-1)
+    if cap is not None:  # d softcap(z)/dz = 1 - tanh(z / cap)^2
+      e = e * (1.0 - jnp.square(logits / cap))
+    if scale is not None:
+      e = e * s_b
+    e = jnp.where(is_t, 0.0, e).astype(mm)  # the target's term is added in float32 below
+    acc = acc * rescale[:, None] + jnp.einsum("RV,VD->RD", e, t_b, preferred_element_type=f32)
+    return m_new, s, acc, logit_t
+
+  carry = (jnp.full((R,), -jnp.inf, f32), jnp.zeros((R,), f32), jnp.zeros((R, D), f32),
+           jnp.zeros((R,), f32))
+  size = min(VOCAB_BLOCK, V)
+  full = V // size
+  carry, _ = jax.lax.scan(lambda c, i: (block(c, i * size, size), None), carry,
+                          jnp.arange(full))
+  if V % size:  # the last, shorter block
+    carry = block(carry, full * size, V % size)
+  m, s, acc, logit_t = carry
+  g_t = jnp.exp(logit_t - m) - s
+  if cap is not None:
     g_t = g_t * (1.0 - jnp.square(logit_t / cap))
+  t_t = model._from_bits(bits[targets]).astype(f32)
   if scale is not None:
-    s_row = scale[:, 0].astype(jnp.float32)
-    e, g_t = e * s_row, g_t * s_row[targets]
-  # The target column by a select against a 1-D iota (a scatter would cost a float32 copy of a
-  # bfloat16 block, a [R, V] iota or constant would be hoisted out of the loop and materialised).
-  is_t = jnp.arange(logits.shape[1], dtype=targets.dtype)[None, :] == targets[:, None]
-  g = jnp.where(is_t, g_t[:, None], e).astype(mm)
-  dh = jnp.einsum("RV,VD->RD", g, table_mm, preferred_element_type=jnp.float32)
-  dh = dh * (weights / total)[:, None]
-  nll = jnp.sum((m + jnp.log(total) - logit_t) * weights)
+    g_t = g_t * scale[targets, 0].astype(f32)
+  dh = (acc + g_t[:, None] * t_t) * (weights / s)[:, None]
+  nll = jnp.sum((m + jnp.log(s) - logit_t) * weights)
   return nll, dh.astype(h.dtype)
 
 
@@ -148,8 +178,8 @@ def chunked_nll(params: Params, h: jax.Array, targets: jax.Array, weights: jax.A
                 cfg: ModelConfig, chunk: int) -> jax.Array:
   """Sum of weighted next-token NLL over rows of h [R, D], `chunk` rows of logits at a time.
 
-  Each chunk's logits live only inside its own forward step (see _chunk_nll), so the train
-  step never holds more than one [chunk, V] float32 block.
+  Each chunk's logits live only inside its own forward step (see _chunk_nll), one
+  [chunk, VOCAB_BLOCK] block at a time; each chunk reads the whole table once.
   """
   R, D = h.shape
   n = -(-R // chunk)  # as many chunks as `chunk` asks for, then equal sizes: 640 rows with
@@ -158,10 +188,11 @@ def chunked_nll(params: Params, h: jax.Array, targets: jax.Array, weights: jax.A
   if pad:
     h = jnp.pad(h, ((0, pad), (0, 0)))
     targets, weights = jnp.pad(targets, (0, pad)), jnp.pad(weights, (0, pad))
-  if cfg.matmul_dtype is not None:  # round the table once, not once per chunk
-    emb = params["embedder"]
-    params = {"embedder": dict(emb, input_embedding=emb["input_embedding"].astype(
-        cfg.matmul_dtype))}
+  emb = params["embedder"]
+  table = emb["input_embedding"]
+  if cfg.matmul_dtype is not None and table.dtype != jnp.int8:  # round once, not per chunk
+    table = table.astype(cfg.matmul_dtype)
+  params = {"embedder": dict(emb, input_embedding=model._to_bits(table))}
 
   def body(total, xs):
     return total + _chunk_nll(params, *xs, cfg), None
