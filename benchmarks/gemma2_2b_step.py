@@ -17,6 +17,7 @@ import collections
 import dataclasses
 import functools
 import math
+import shlex
 import sys
 import time
 
@@ -207,7 +208,7 @@ def main():
   text = report(big, scaling, args)
   print(text)
   if not args.no_record:
-    cmd = "python benchmarks/gemma2_2b_step.py " + " ".join(sys.argv[1:])
+    cmd = "python benchmarks/gemma2_2b_step.py " + shlex.join(sys.argv[1:])
     with open(bench.RESULTS, "a") as f:
       f.write(f"\n## gemma2_2b_step.py: Gemma 2 2B-shaped LoRA step on CPU\n\n"
               f"- command: `{cmd.strip()}`\n- date: {bench.utc_date()}\n"

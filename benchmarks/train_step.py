@@ -22,6 +22,7 @@ import os
 import pickle
 import platform
 import resource
+import shlex
 import statistics
 import subprocess
 import sys
@@ -376,23 +377,30 @@ def tables(rows: list[dict], peaks: dict) -> str:
 
 
 def loss_table(rows: list[dict]) -> list[str]:
-  """Per-step losses of the warm-up pass (same initial adapter, same pad batches)."""
+  """Per-step losses of the warm-up pass (same initial adapter, same pad batches).
+
+  The last column holds each setting's distance from the float32 reference (torch float32).
+  """
   by = {(r["side"], r["mode"], r["dtype"]): r["losses"] for r in rows}
-  lines = ["| params | step | loss ours (pad) | loss torch | abs diff |", "|---|---|---|---|---|"]
+  f32 = by.get(("torch", "pad", "float32"))
+  lines = ["| params | step | loss ours (pad) | loss torch | abs diff | ours - torch float32 |",
+           "|---|---|---|---|---|---|"]
   for dtype in ("float32", "bfloat16"):
     ours, theirs = by.get(("ours", "pad", dtype)), by.get(("torch", "pad", dtype))
     if not ours or not theirs:
       continue
-    for i, (a, b) in enumerate(zip(ours, theirs)):
-      lines.append(f"| {dtype} | {i} | {a:.6f} | {b:.6f} | {abs(a - b):.2e} |")
+    ref = f32 or [float("nan")] * len(ours)
+    for i, (a, b, r) in enumerate(zip(ours, theirs, ref)):
+      lines.append(f"| {dtype} | {i} | {a:.6f} | {b:.6f} | {abs(a - b):.2e} | {abs(a - r):.2e} |")
     worst = max(abs(a - b) for a, b in zip(ours, theirs))
+    worst_ref = max(abs(a - r) for a, r in zip(ours, ref))
     verdict = ("within 1e-3" if worst <= 1e-3 else "ABOVE 1e-3") if dtype == "float32" else ""
-    lines.append(f"| {dtype} | max | | | **{worst:.2e}** {verdict} |")
+    lines.append(f"| {dtype} | max | | | **{worst:.2e}** {verdict} | {worst_ref:.2e} |")
   return lines
 
 
 def record(text: str, args):
-  cmd = "python benchmarks/train_step.py " + " ".join(sys.argv[1:])
+  cmd = "python benchmarks/train_step.py " + shlex.join(sys.argv[1:])
   section = (f"\n## train_step.py: Gemma 3 270M, ours vs transformers + PEFT\n\n"
              f"- command: `{cmd.strip()}`\n- date: {utc_date()}\n- machine: {machine()}\n"
              f"- {ROWS} rows x up to {MAX_LEN} tokens, first {ROWS * args.batches} records of "

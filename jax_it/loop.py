@@ -271,6 +271,10 @@ def train_loop(s: Setup, progress: bool = True) -> dict:
   start = 0
   if ckpt.latest_step() is not None:
     adapter, opt_state, start = ckpt.restore(adapter, opt_state, it, ident)
+    if jax.process_index() == 0:
+      done = "; training is complete, evaluating only" if start >= steps else ""
+      print(f"resuming from the step-{start} checkpoint in {s.run_dir}{done} (a fresh run needs "
+            "another --run-dir)", flush=True)
   adapter, opt_state = train.replicate(adapter, s.mesh), train.replicate(opt_state, s.mesh)
   step_fn = train.make_train_step(s.mcfg, optimizer, s.mesh, step_options(t, s.cfg.model.remat))
   log = MetricsLog(s.run_dir, start, t.log_every, steps)

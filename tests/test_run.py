@@ -61,7 +61,8 @@ def test_resume_after_sigkill_gives_the_uninterrupted_losses(tmp_path):
   proc.send_signal(signal.SIGKILL)
   proc.wait()
   assert max(_safe_losses(killed)) < 8, "the run finished before it could be killed"
-  run(*args, "--run-dir", killed)
+  out = run(*args, "--run-dir", killed)
+  assert "resuming from the step-" in out.stdout, out.stdout
   a, b = losses(straight), losses(killed)
   assert sorted(a) == sorted(b) == list(range(1, 9))
   np.testing.assert_allclose([b[s] for s in a], [a[s] for s in a], rtol=1e-6)
