@@ -85,13 +85,13 @@ def prepare_batch(batch: dict, mesh: jax.sharding.Mesh, micro_batches: int = 1,
 VOCAB_BLOCK = 2048  # vocabulary rows per step of the loss: a [rows, 2048] block stays in cache
 
 
-def _nll_and_dh(params, h, targets, weights, cfg):
+def _nll_and_dh(params, h, targets, weights, cfg, vocab_block):
   """Weighted NLL sum of a chunk and its gradient w.r.t. h, in one pass over the vocabulary.
 
   With z = h T^T (times the per-row scales of an int8 table) and logits = softcap(z), the
   gradient is dh = sum_v w (p_v - [v = t]) J_v T_v, where J_v = d logit_v / d (h . T_v) holds
   the row's int8 scale and the soft-cap derivative. The vocabulary is walked in blocks of
-  VOCAB_BLOCK rows with a running max m and sum s (rescaled when m grows), accumulating
+  `vocab_block` rows (None: all of it at once) with a running max m and sum s (rescaled when m grows), accumulating
   A = sum_{v != t} exp(logit_v - m) J_v T_v, so no [rows, V] array exists and both matmuls
   run on cache-sized blocks. The target's term (exp(logit_t - m) - s) J_t T_t is added in
   float32 at the end: a confident target's small p_t - 1 keeps its relative precision when the
@@ -136,7 +136,7 @@ def _nll_and_dh(params, h, targets, weights, cfg):
 
   carry = (jnp.full((R,), -jnp.inf, f32), jnp.zeros((R,), f32), jnp.zeros((R, D), f32),
            jnp.zeros((R,), f32))
-  size = min(VOCAB_BLOCK, V)
+  size = V if vocab_block is None else min(vocab_block, V)
   full = V // size
   carry, _ = jax.lax.scan(lambda c, i: (block(c, i * size, size), None), carry,
                           jnp.arange(full))
@@ -154,20 +154,20 @@ def _nll_and_dh(params, h, targets, weights, cfg):
   return nll, dh.astype(h.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _chunk_nll(params, h, targets, weights, cfg):
-  return _nll_and_dh(params, h, targets, weights, cfg)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _chunk_nll(params, h, targets, weights, cfg, vocab_block):
+  return _nll_and_dh(params, h, targets, weights, cfg, vocab_block)[0]
 
 
-def _chunk_nll_fwd(params, h, targets, weights, cfg):
+def _chunk_nll_fwd(params, h, targets, weights, cfg, vocab_block):
   # The input gradient is formed in the forward pass, so the backward pass needs neither the
   # [chunk, V] logits nor a second pass over the output projection.
-  nll, dh = _nll_and_dh(params, h, targets, weights, cfg)
+  nll, dh = _nll_and_dh(params, h, targets, weights, cfg, vocab_block)
   return nll, dh
 
 
-def _chunk_nll_bwd(cfg, dh, g):
-  del cfg
+def _chunk_nll_bwd(cfg, vocab_block, dh, g):
+  del cfg, vocab_block
   return None, dh * g.astype(dh.dtype), None, None  # the base params are frozen
 
 
@@ -175,11 +175,11 @@ _chunk_nll.defvjp(_chunk_nll_fwd, _chunk_nll_bwd)
 
 
 def chunked_nll(params: Params, h: jax.Array, targets: jax.Array, weights: jax.Array,
-                cfg: ModelConfig, chunk: int) -> jax.Array:
+                cfg: ModelConfig, chunk: int, vocab_block: int | None) -> jax.Array:
   """Sum of weighted next-token NLL over rows of h [R, D], `chunk` rows of logits at a time.
 
   Each chunk's logits live only inside its own forward step (see _chunk_nll), one
-  [chunk, VOCAB_BLOCK] block at a time; each chunk reads the whole table once.
+  [chunk, vocab_block] block at a time (None: [chunk, V]); each chunk reads the table once.
   """
   R, D = h.shape
   n = -(-R // chunk)  # as many chunks as `chunk` asks for, then equal sizes: 640 rows with
@@ -195,7 +195,7 @@ def chunked_nll(params: Params, h: jax.Array, targets: jax.Array, weights: jax.A
   params = {"embedder": dict(emb, input_embedding=model._to_bits(table))}
 
   def body(total, xs):
-    return total + _chunk_nll(params, *xs, cfg), None
+    return total + _chunk_nll(params, *xs, cfg, vocab_block), None
 
   total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32),
                           (h.reshape(n, chunk, D), targets.reshape(n, chunk),
@@ -214,8 +214,11 @@ def loss_sum(lora: Lora | None, params: Params, batch: dict, cfg: ModelConfig,
   h = jnp.take_along_axis(hidden.reshape(groups, -1, D), idx[..., None], axis=1)
   targets = jnp.take_along_axis(batch["targets"].reshape(groups, -1), idx, axis=1)
   w = batch["loss_w"].astype(jnp.float32)
+  # A table sharded over devices along V (parallel="sharded") is best multiplied whole: GSPMD
+  # keeps each device on its own shard. Slicing it into blocks would move it across devices.
+  block = None if opts.parallel == "sharded" else VOCAB_BLOCK
   nll = chunked_nll(params, h.reshape(-1, h.shape[-1]), targets.reshape(-1), w.reshape(-1),
-                    cfg, opts.loss_chunk)
+                    cfg, opts.loss_chunk, block)
   return nll, jnp.sum(w)
 
 
