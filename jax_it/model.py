@@ -7,23 +7,27 @@ Axis legend used in every einsum:
 Parameters keep the official Flax names, with the per-layer trees stacked along a leading L axis
 (`params['layers']`) so the layers run under `jax.lax.scan`. In memory the MLP gate/up weight is
 always [2, D, F] and queries/keys/values are always split into q_einsum [N, D, H] and
-kv_einsum [2, K, D, H]; `weights.py` converts from and to the on-disk variants.
+kv_einsum [2, K, D, H]; `jax_it/ckpt/` converts from and to the on-disk variants. Backend-specific
+ways of computing the same math live in ops.py, the LoRA delta in lora.py, family facts in
+families.py.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
+from jax_it import lora as lora_lib
+from jax_it import ops
+from jax_it.families import FAMILIES, PROJECTIONS
+
 Params = dict[str, Any]
 
 # A large finite negative instead of -inf, so a fully masked row (padding) gives no NaN.
 _MASK_VALUE = -2.3819763e38
-FAMILIES = ("gemma1", "gemma2", "gemma3")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,10 +59,14 @@ class ModelConfig:
   # compute, not architecture: when set (e.g. "bfloat16"), every matmul rounds its inputs to this
   # dtype and accumulates in float32 (see `einsum`); None keeps the inputs' own dtype
   matmul_dtype: str | None = None
+  # which implementation of the matmuls and weight indexing runs: "auto" | "plain" | "cpu"
+  # (see ops.py); every choice computes the same function
+  kernels: str = "auto"
 
   def __post_init__(self):
     if self.family not in FAMILIES:
-      raise ValueError(f"unknown Gemma family {self.family!r}; expected one of {FAMILIES}")
+      raise ValueError(f"unknown Gemma family {self.family!r}; expected one of "
+                       f"{sorted(FAMILIES)}")
     if not self.local_layers:
       object.__setattr__(self, "local_layers", (False,) * self.num_layers)
     if len(self.local_layers) != self.num_layers:
@@ -71,43 +79,6 @@ class ModelConfig:
     """Parameter count of the model as this config describes it."""
     shapes = jax.eval_shape(lambda: init_params(jax.random.key(0), self))
     return sum(int(x.size) for x in jax.tree.leaves(shapes))
-
-
-def layer_pattern(num_layers: int, period: int) -> tuple[bool, ...]:
-  """Local/global pattern: every `period`-th layer (1-based) is global, the others local."""
-  return tuple((i + 1) % period != 0 for i in range(num_layers))
-
-
-def gemma2_config(num_layers, embed_dim, hidden_dim, num_heads, num_kv_heads, head_dim,
-                  query_pre_attn_scalar, vocab_size=256_128, sliding_window=4096) -> ModelConfig:
-  return ModelConfig(
-      family="gemma2", num_layers=num_layers, vocab_size=vocab_size, embed_dim=embed_dim,
-      hidden_dim=hidden_dim, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
-      query_pre_attn_scalar=query_pre_attn_scalar, attn_logits_soft_cap=50.0,
-      final_logit_soft_cap=30.0, sliding_window=sliding_window,
-      local_layers=layer_pattern(num_layers, 2), transposed_gating=embed_dim > 2304)
-
-
-def gemma3_config(num_layers, embed_dim, hidden_dim, num_heads, num_kv_heads, head_dim=256,
-                  vocab_size=262_144, sliding_window=1024, rope_scale_global=1.0) -> ModelConfig:
-  return ModelConfig(
-      family="gemma3", num_layers=num_layers, vocab_size=vocab_size, embed_dim=embed_dim,
-      hidden_dim=hidden_dim, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
-      query_pre_attn_scalar=head_dim, sliding_window=sliding_window,
-      local_layers=layer_pattern(num_layers, 6), rope_base_local=10_000.0,
-      rope_base_global=1_000_000.0, rope_scale_global=rope_scale_global, use_qk_norm=True,
-      transposed_gating=True)
-
-
-PRESETS: dict[str, ModelConfig] = {
-    "gemma2-2b": gemma2_config(26, 2304, 9216, 8, 4, 256, 256),
-    "gemma2-9b": gemma2_config(42, 3584, 14336, 16, 8, 256, 256),
-    "gemma2-27b": gemma2_config(46, 4608, 36864, 32, 16, 128, 144),
-    "gemma3-270m": gemma3_config(18, 640, 2048, 4, 1, sliding_window=512),
-    "gemma3-1b": gemma3_config(26, 1152, 6912, 4, 1, sliding_window=512),
-    # for smoke runs and tests: Gemma 2 features at toy width, sized for the Gemma 3 tokenizer
-    "gemma2-tiny": gemma2_config(2, 64, 128, 4, 2, 16, 16, vocab_size=262_144, sliding_window=32),
-}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -146,64 +117,9 @@ def init_params(key: jax.Array, cfg: ModelConfig, dtype=jnp.float32) -> Params:
 # Building blocks
 
 
-def einsum(eq: str, x: jax.Array, w: jax.Array, dtype: str | None = None, *,
-           scale: jax.Array | None = None, part: int | None = None) -> jax.Array:
-  """`jnp.einsum(eq, x, w)` with a hand-written backward pass; w may be an int8 weight.
-
-  With `dtype` (e.g. "bfloat16") both inputs are rounded to it and the result is float32: the
-  matmul reaches the fast bfloat16 units with float32 accumulation, and the backward pass rounds
-  the incoming gradient the same way, so its matmuls are as fast as the forward one. `scale`
-  dequantizes an int8 `w` (see quant.py); `part` uses `w[part]`, one half of a stacked gate/up
-  or key/value weight. The backward pass keeps `w` itself, not a slice, dequantized or rounded
-  copy: under `lax.scan` over layers a derived weight would be stored once per layer.
-  """
-  dtype = None if dtype is None else jnp.dtype(dtype).name
-  return _einsum(eq, dtype, part, x, w, scale)
-
-
-def _weight_part(w, scale, part):
-  if part is not None:
-    w, scale = w[part], None if scale is None else scale[part]
-  return w if scale is None else w.astype(scale.dtype) * scale
-
-
-def _einsum_fwd(eq, dtype, part, x, w, scale):
-  wp = _weight_part(w, scale, part)
-  if dtype is None:
-    return jnp.einsum(eq, x, wp), (x, w, scale, jnp.zeros((0,), x.dtype))
-  xl = x.astype(dtype)
-  out = jnp.einsum(eq, xl, wp.astype(dtype), preferred_element_type=jnp.float32)
-  return out, (xl, w, scale, jnp.zeros((0,), x.dtype))
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _einsum(eq, dtype, part, x, w, scale):
-  return _einsum_fwd(eq, dtype, part, x, w, scale)[0]
-
-
-def _einsum_bwd(eq, dtype, part, res, g):
-  x, w, scale, x_like = res
-  wp = _weight_part(w, scale, part)
-  ins, out = eq.split("->")
-  a, b = ins.split(",")
-  if dtype is None:
-    dx = jnp.einsum(f"{out},{b}->{a}", g, wp)
-    dwp = jnp.einsum(f"{a},{out}->{b}", x, g)
-  else:
-    g, wp = g.astype(dtype), wp.astype(dtype)
-    dx = jnp.einsum(f"{out},{b}->{a}", g, wp, preferred_element_type=jnp.float32)
-    dwp = jnp.einsum(f"{a},{out}->{b}", x, g, preferred_element_type=jnp.float32)
-  # The gradient of a frozen base weight is never used and XLA drops it; it is formed so that
-  # the rule is a complete VJP (LoRA weights and the attention core use it).
-  if scale is not None:  # an int8 weight: no gradient
-    return dx.astype(x_like.dtype), None, None
-  dw = dwp.astype(w.dtype)
-  if part is not None:
-    dw = jnp.zeros_like(w).at[part].set(dw)
-  return dx.astype(x_like.dtype), dw, None
-
-
-_einsum.defvjp(_einsum_fwd, _einsum_bwd)
+def einsum(eq: str, x: jax.Array, w: jax.Array, cfg: ModelConfig, **kw) -> jax.Array:
+  """A matmul of the model: `ops.einsum` with the config's matmul dtype and kernels."""
+  return ops.einsum(eq, x, w, cfg.matmul_dtype, kernels=cfg.kernels, **kw)
 
 
 def activation_dtype(params: Params):
@@ -249,54 +165,26 @@ def attention_bias(q_pos, k_pos, q_seg, k_seg, window: int | None = None) -> jax
   return jnp.where(ok, 0.0, _MASK_VALUE).astype(jnp.float32)[:, None, None]
 
 
-@dataclasses.dataclass(frozen=True)
-class _LoraCtx:
-  """Per-layer LoRA weights plus what applying them needs (scale, dropout rate and key)."""
-  weights: dict
-  scale: float = 1.0
-  dropout: float = 0.0
-  key: jax.Array | None = None
-
-
-def _proj(x, d, eq, ctx: _LoraCtx | None, name: str, salt: int, mm: str | None,
-          part: int | None = None):
-  """`einsum(eq, x, W)` plus the LoRA delta scale * (x A) B when the adapter targets `name`.
-
-  W is the weight dict `d` (int8 or not), or its half `part`; `mm` is the config's
-  matmul_dtype. A contracts the trailing input axes of x (A: [*in, r]) and B maps r to the
-  output axes (B: [r, *out]), so one rule serves every projection and W + BA is never formed.
-  """
-  y = einsum(eq, x, d["w"], mm, scale=d.get("w_scale"), part=part)
-  if ctx is None or name not in ctx.weights:
-    return y.astype(x.dtype)
-  a, b = ctx.weights[name]["a"], ctx.weights[name]["b"]
-  if ctx.dropout > 0.0 and ctx.key is not None:
-    keep = jax.random.bernoulli(jax.random.fold_in(ctx.key, salt), 1.0 - ctx.dropout, x.shape)
-    x = jnp.where(keep, x / (1.0 - ctx.dropout), 0).astype(x.dtype)
-  if mm is None:
-    xa = jnp.tensordot(x.astype(a.dtype), a, axes=a.ndim - 1)
-    delta = jnp.tensordot(xa, b, axes=1) * ctx.scale
-    return y + delta.astype(y.dtype)
-  lead = "".join(chr(ord("a") + i) for i in range(x.ndim - (a.ndim - 1)))  # not "r"
-  ins, outs = "ABCD"[:a.ndim - 1], "EFGH"[:b.ndim - 1]
-  xa = einsum(f"{lead}{ins},{ins}r->{lead}r", x, a, mm)
-  delta = einsum(f"{lead}r,r{outs}->{lead}{outs}", xa, b, mm)
-  return (y + delta * ctx.scale).astype(x.dtype)
+def _proj(x, p, name: str, adapter: lora_lib.LayerAdapter | None, cfg: ModelConfig):
+  """The projection `name` (families.PROJECTIONS) of one layer, plus its LoRA delta if any."""
+  proj = PROJECTIONS[name]
+  d = p[proj.param]
+  y = einsum(proj.eq, x, d["w"], cfg, scale=d.get("w_scale"), part=proj.part)
+  return lora_lib.add_delta(y, x, proj, adapter, cfg.matmul_dtype, cfg.kernels)
 
 
 # ---------------------------------------------------------------------------------------------
 # The transformer layer
 
 
-def _attention(x, p, ctx, cfg, bias, sin, cos, cache):
+def _attention(x, p, adapter, cfg, bias, sin, cos, cache):
   """Self-attention of one layer; returns the output and the updated layer cache (or None)."""
   B, T, _ = x.shape
   K, H = cfg.num_kv_heads, cfg.head_dim
   G = cfg.num_heads // K
-  mm = cfg.matmul_dtype
-  q = _proj(x, p["q_einsum"], "BTD,NDH->BTNH", ctx, "q_proj", 0, mm)
-  k = _proj(x, p["kv_einsum"], "BSD,KDH->BSKH", ctx, "k_proj", 1, mm, part=0)
-  v = _proj(x, p["kv_einsum"], "BSD,KDH->BSKH", ctx, "v_proj", 2, mm, part=1)
+  q = _proj(x, p, "q_proj", adapter, cfg)  # BTD,NDH->BTNH
+  k = _proj(x, p, "k_proj", adapter, cfg)  # BSD,KDH->BSKH
+  v = _proj(x, p, "v_proj", adapter, cfg)
   if cfg.use_qk_norm:
     q = rms_norm(q, p["_query_norm"]["scale"], cfg.norm_eps)
     k = rms_norm(k, p["_key_norm"]["scale"], cfg.norm_eps)
@@ -307,33 +195,33 @@ def _attention(x, p, ctx, cfg, bias, sin, cos, cache):
   if cache is not None:
     k, v, new_cache = _update_cache(cache, k, v)
   q = q.reshape(B, T, K, G, H)
-  if mm is None:
+  if cfg.matmul_dtype is None:
     scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32)
   else:
-    scores = einsum("BTKGH,BSKH->BKGTS", q, k, mm)
+    scores = einsum("BTKGH,BSKH->BKGTS", q, k, cfg)
   scores = soft_cap(scores, cfg.attn_logits_soft_cap)
   scores = scores + bias
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-  enc = einsum("BKGTS,BSKH->BTKGH", probs, v, mm).astype(v.dtype).reshape(B, T, K * G, H)
-  out = _proj(enc, p["attn_vec_einsum"], "BTNH,NHD->BTD", ctx, "o_proj", 3, mm)
+  enc = einsum("BKGTS,BSKH->BTKGH", probs, v, cfg).astype(v.dtype).reshape(B, T, K * G, H)
+  out = _proj(enc, p, "o_proj", adapter, cfg)  # BTNH,NHD->BTD
   return out, new_cache
 
 
-def _mlp(x, p, ctx, mm):
-  gate = _proj(x, p["gating_einsum"], "BTD,DF->BTF", ctx, "gate_proj", 4, mm, part=0)
-  up = _proj(x, p["gating_einsum"], "BTD,DF->BTF", ctx, "up_proj", 5, mm, part=1)
+def _mlp(x, p, adapter, cfg):
+  gate = _proj(x, p, "gate_proj", adapter, cfg)  # BTD,DF->BTF
+  up = _proj(x, p, "up_proj", adapter, cfg)
   hidden = jax.nn.gelu(gate, approximate=True) * up
-  return _proj(hidden, p["linear"], "BTF,FD->BTD", ctx, "down_proj", 6, mm)
+  return _proj(hidden, p, "down_proj", adapter, cfg)  # BTF,FD->BTD
 
 
-def _layer(x, p, ctx, cfg, bias, sin, cos, cache):
+def _layer(x, p, adapter, cfg, bias, sin, cos, cache):
   h = rms_norm(x, p["pre_attention_norm"]["scale"], cfg.norm_eps)
-  h, new_cache = _attention(h, p["attn"], ctx, cfg, bias, sin, cos, cache)
+  h, new_cache = _attention(h, p["attn"], adapter, cfg, bias, sin, cos, cache)
   if cfg.use_post_norms:
     h = rms_norm(h, p["post_attention_norm"]["scale"], cfg.norm_eps)
   x = x + h
   h = rms_norm(x, p["pre_ffw_norm"]["scale"], cfg.norm_eps)
-  h = _mlp(h, p["mlp"], ctx, cfg.matmul_dtype)
+  h = _mlp(h, p["mlp"], adapter, cfg)
   if cfg.use_post_norms:
     h = rms_norm(h, p["post_ffw_norm"]["scale"], cfg.norm_eps)
   return x + h, new_cache
@@ -380,7 +268,7 @@ def logits_from_hidden(params: Params, hidden: jax.Array, cfg: ModelConfig) -> j
   emb = params["embedder"]
   table = emb["input_embedding"]
   if cfg.matmul_dtype is not None:
-    logits = einsum("...D,VD->...V", hidden, table, cfg.matmul_dtype)
+    logits = einsum("...D,VD->...V", hidden, table, cfg)
   elif "input_embedding_scale" in emb:
     logits = jnp.einsum("...D,VD->...V", hidden, table.astype(hidden.dtype),
                         preferred_element_type=jnp.float32)
@@ -389,14 +277,6 @@ def logits_from_hidden(params: Params, hidden: jax.Array, cfg: ModelConfig) -> j
   if "input_embedding_scale" in emb:  # per-row int8 scales apply to the vocab (output) axis
     logits = logits * emb["input_embedding_scale"][:, 0].astype(jnp.float32)
   return soft_cap(logits, cfg.final_logit_soft_cap)
-
-
-def _to_bits(w):
-  return jax.lax.bitcast_convert_type(w, jnp.uint16) if w.dtype == jnp.bfloat16 else w
-
-
-def _from_bits(w):
-  return jax.lax.bitcast_convert_type(w, jnp.bfloat16) if w.dtype == jnp.uint16 else w
 
 
 def hidden_states(params: Params, tokens: jax.Array, cfg: ModelConfig, *, lora=None,
@@ -431,24 +311,22 @@ def hidden_states(params: Params, tokens: jax.Array, cfg: ModelConfig, *, lora=N
   kv = None if cache is None else {"k": cache["k"], "v": cache["v"]}
 
   # The layers are indexed inside the loop, not scanned over as xs: scanned weights end up as
-  # residuals the backward pass stacks again, i.e. a per-step copy of every layer weight. bfloat16
-  # weights travel as uint16 bit patterns, because XLA's CPU backend otherwise keeps a float32
-  # copy of each stacked bfloat16 weight to slice from (2x the weights' bytes, every step).
-  layers = jax.tree.map(_to_bits, params["layers"])
+  # residuals the backward pass stacks again, i.e. a per-step copy of every layer weight.
+  layers = ops.carry(params["layers"], cfg.kernels)
 
   def body(x, xs):
     i, lw, is_local, layer_kv, key = xs
-    p = jax.tree.map(lambda w: _from_bits(jax.lax.dynamic_index_in_dim(w, i, keepdims=False)),
-                     layers)
-    ctx = None
+    p = ops.take_layer(layers, i)
+    adapter = None
     if lw is not None:
-      ctx = _LoraCtx(lw, lora.cfg.scale, lora.cfg.dropout if key is not None else 0.0, key)
+      adapter = lora_lib.LayerAdapter(lw, lora.cfg.scale,
+                                      lora.cfg.dropout if key is not None else 0.0, key)
     layer_cache = None
     if layer_kv is not None:
       layer_cache = dict(layer_kv, index=cache["index"])
     pick = lambda a, b: a if a is b else jnp.where(is_local, a, b)  # noqa: E731
     sin, cos = (pick(a, b) for a, b in zip(rope_local, rope_global))
-    return _layer(x, p, ctx, cfg, pick(bias_local, bias_global), sin, cos, layer_cache)
+    return _layer(x, p, adapter, cfg, pick(bias_local, bias_global), sin, cos, layer_cache)
 
   if remat:
     body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)

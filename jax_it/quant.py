@@ -7,16 +7,19 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from jax_it.families import PROJECTIONS, Projection
 from jax_it.model import Params
 
-# input (contracted) axes of each stacked matmul weight; scales keep every other axis
-_INPUT_AXES = {
-    ("attn", "q_einsum"): (2,),  # [L, N, D, H]
-    ("attn", "kv_einsum"): (3,),  # [L, 2, K, D, H]
-    ("attn", "attn_vec_einsum"): (1, 2),  # [L, N, H, D]
-    ("mlp", "gating_einsum"): (2,),  # [L, 2, D, F]
-    ("mlp", "linear"): (1,),  # [L, F, D]
-}
+
+def input_axes(p: Projection) -> tuple[int, ...]:
+  """Axes that projection p contracts in its stacked weight [L, (part,) *p.weight_axes]."""
+  lead = 1 if p.part is None else 2
+  return tuple(lead + p.weight_axes.index(a) for a in p.in_axes)
+
+
+# input (contracted) axes of each stacked matmul weight; scales keep every other axis. The halves
+# of a stacked weight (k/v, gate/up) share one entry.
+_INPUT_AXES = {(p.block, p.param): input_axes(p) for p in PROJECTIONS.values()}
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2))

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_it import model
+from jax_it import model, schema
 from jax_it.model import ModelConfig, Params
 
 # Prompts are right-padded to a multiple of this, so few prefill shapes are ever compiled.
@@ -18,24 +19,20 @@ PROMPT_BUCKET = 64
 
 @dataclasses.dataclass(frozen=True)
 class SampleSpec:
-  """Decoding settings. Only `shape` is compiled in; the rest travels as traced `knobs`."""
+  """The `generate` section: decoding settings. Only `shape` is compiled in; the rest travels
+  as traced `knobs`. The token ids come from the tokenizer, not from users."""
 
-  max_new_tokens: int = 128
-  temperature: float = 0.0
-  top_k: int = 0
-  top_p: float = 1.0
-  eos_id: int = 1
-  pad_id: int = 0
+  SECTION: ClassVar[str] = "generate"
+  max_new_tokens: int = schema.field(128, check=schema.NON_NEGATIVE)
+  temperature: float = schema.field(0.0, check=schema.NON_NEGATIVE)  # 0: greedy
+  top_k: int = schema.field(0, check=schema.NON_NEGATIVE)  # 0: no top-k filter
+  top_p: float = schema.field(1.0, check=schema.PROBABILITY)
+  seed: int = schema.field(0, check=schema.SEED)
+  eos_id: int = schema.field(1, internal=True)  # -1: never stop early
+  pad_id: int = schema.field(0, internal=True)
 
   def __post_init__(self):
-    if self.max_new_tokens < 0:
-      raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
-    if self.temperature < 0:
-      raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-    if self.top_k < 0:
-      raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
-    if not 0.0 < self.top_p <= 1.0:
-      raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+    schema.validate(self)
 
   @property
   def shape(self) -> DecodeShape:
@@ -179,8 +176,9 @@ def generate(params: Params, cfg: ModelConfig, prompts: list[list[int]], *, lora
   eos_id=None never stops early. A row that ends without EOS ran out of max_new_tokens.
   """
   eos = -1 if eos_id is None else int(eos_id)
-  spec = SampleSpec(int(max_new_tokens), float(temperature), int(top_k), float(top_p), eos,
-                    int(pad_id))
+  spec = SampleSpec(max_new_tokens=int(max_new_tokens), temperature=float(temperature),
+                    top_k=int(top_k), top_p=float(top_p), seed=int(seed), eos_id=eos,
+                    pad_id=int(pad_id))
   out, _ = generate_arrays(params, cfg, prompts, lora=lora, spec=spec, seed=seed)
   return [_cut_at_eos(row, eos) for row in out]
 

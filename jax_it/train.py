@@ -1,9 +1,10 @@
-"""Loss, optimizer and the data-parallel LoRA train step."""
+"""The data-parallel LoRA train step: its config, batches, loss, optimizer and placement."""
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +12,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from jax_it import model
+from jax_it import loss, model, schema
 from jax_it.lora import Lora
 from jax_it.model import ModelConfig, Params
 
@@ -20,13 +21,38 @@ BATCH_KEYS = ("tokens", "targets", "positions", "segment_ids", "loss_idx", "loss
 
 
 @dataclasses.dataclass(frozen=True)
-class StepOptions:
-  """Static knobs of the train step."""
+class TrainConfig:
+  """The `train` section: optimizer, schedule, batch layout and loop cadence."""
 
-  micro_batches: int = 1  # gradient accumulation: the global batch is split into this many parts
-  loss_chunk: int = 512  # rows of the output projection computed at once
-  remat: bool = False  # recompute each layer in the backward pass instead of storing it
-  parallel: str = "data"  # "data": replicated base, shard_map over 'data'; "sharded": GSPMD
+  SECTION: ClassVar[str] = "train"
+  batch_size: int = schema.field(8, check=schema.POSITIVE)  # global: all devices, micro-batches
+  micro_batches: int = schema.field(1, check=schema.POSITIVE)  # gradient accumulation steps
+  epochs: int = schema.field(1, check=schema.POSITIVE)
+  max_steps: int = schema.field(0, check=schema.NON_NEGATIVE)  # 0: the epochs decide
+  lr: float = schema.field(2e-4, check=schema.POSITIVE)
+  warmup_steps: int = schema.field(0, check=schema.NON_NEGATIVE)
+  warmup_ratio: float = schema.field(0.0, check=schema.FRACTION)  # used when warmup_steps is 0
+  schedule: str = schema.field("linear", choices=("linear", "cosine", "constant"))
+  weight_decay: float = schema.field(0.0, check=schema.NON_NEGATIVE)
+  clip_norm: float = schema.field(1.0, check=schema.NON_NEGATIVE)  # 0: no clipping
+  b1: float = schema.field(0.9, check=schema.FRACTION)
+  b2: float = schema.field(0.999, check=schema.FRACTION)
+  eps: float = schema.field(1e-8, check=schema.POSITIVE)
+  seed: int = schema.field(0, check=schema.SEED)  # LoRA dropout keys
+  # "data": replicated base, shard_map over 'data'; "sharded": base sharded over devices (GSPMD)
+  parallel: str = schema.field("data", choices=("data", "sharded"))
+  loss_chunk: int = schema.field(512, check=schema.POSITIVE)  # rows of logits formed at once
+  log_every: int = schema.field(1, check=schema.POSITIVE)
+  eval_every: int = schema.field(0, check=schema.NON_NEGATIVE)  # 0: only at the last step
+  eval_batches: int = schema.field(0, check=schema.NON_NEGATIVE)  # 0: the whole split
+
+  def __post_init__(self):
+    schema.validate(self)
+
+  def check(self):
+    if self.batch_size % self.micro_batches:
+      raise schema.error("train", "micro_batches", self.micro_batches,
+                         f"a divisor of train.batch_size={self.batch_size}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -82,133 +108,12 @@ def prepare_batch(batch: dict, mesh: jax.sharding.Mesh, micro_batches: int = 1,
 # Loss
 
 
-VOCAB_BLOCK = 2048  # vocabulary rows per step of the loss: a [rows, 2048] block stays in cache
-
-
-def _nll_and_dh(params, h, targets, weights, cfg, vocab_block):
-  """Weighted NLL sum of a chunk and its gradient w.r.t. h, in one pass over the vocabulary.
-
-  With z = h T^T (times the per-row scales of an int8 table) and logits = softcap(z), the
-  gradient is dh = sum_v w (p_v - [v = t]) J_v T_v, where J_v = d logit_v / d (h . T_v) holds
-  the row's int8 scale and the soft-cap derivative. The vocabulary is walked in blocks of
-  `vocab_block` rows (None: all of it at once) with a running max m and sum s (rescaled when m grows), accumulating
-  A = sum_{v != t} exp(logit_v - m) J_v T_v, so no [rows, V] array exists and both matmuls
-  run on cache-sized blocks. The target's term (exp(logit_t - m) - s) J_t T_t is added in
-  float32 at the end: a confident target's small p_t - 1 keeps its relative precision when the
-  blocks' matmuls run in bfloat16. dh = (A + that term) w / s.
-
-  The table comes as model._to_bits gives it (bfloat16 as uint16): XLA's CPU backend turns a
-  slice of a bfloat16 array into float32, and would hoist a float32 copy of the whole table out
-  of the loop.
-  """
-  emb = params["embedder"]
-  bits, scale = emb["input_embedding"], emb.get("input_embedding_scale")
-  cap = cfg.final_logit_soft_cap
-  mm = h.dtype if cfg.matmul_dtype is None else jnp.dtype(cfg.matmul_dtype)  # matmul inputs
-  # Tied to h, the table is no loop invariant of the enclosing scans: JAX's scan partial
-  # evaluation would otherwise hoist every block's slice out of them as one stacked copy.
-  bits, hm = jax.lax.optimization_barrier((bits, h.astype(mm)))
-  R, D = h.shape
-  V = bits.shape[0]
-  f32 = jnp.float32
-
-  def block(carry, start, size):
-    m, s, acc, logit_t = carry
-    t_b = model._from_bits(jax.lax.dynamic_slice_in_dim(bits, start, size)).astype(mm)
-    z = jnp.einsum("RD,VD->RV", hm, t_b, preferred_element_type=f32)
-    if scale is not None:
-      s_b = jax.lax.dynamic_slice_in_dim(scale, start, size)[:, 0].astype(f32)
-      z = z * s_b
-    logits = model.soft_cap(z, cap)
-    is_t = (start + jnp.arange(size, dtype=targets.dtype))[None, :] == targets[:, None]
-    logit_t = logit_t + jnp.sum(jnp.where(is_t, logits, 0.0), axis=-1)
-    m_new = jnp.maximum(m, jnp.max(logits, axis=-1))
-    rescale = jnp.exp(m - m_new)
-    e = jnp.exp(logits - m_new[:, None])
-    s = s * rescale + jnp.sum(e, axis=-1)
-    if cap is not None:  # d softcap(z)/dz = 1 - tanh(z / cap)^2
-      e = e * (1.0 - jnp.square(logits / cap))
-    if scale is not None:
-      e = e * s_b
-    e = jnp.where(is_t, 0.0, e).astype(mm)  # the target's term is added in float32 below
-    acc = acc * rescale[:, None] + jnp.einsum("RV,VD->RD", e, t_b, preferred_element_type=f32)
-    return m_new, s, acc, logit_t
-
-  carry = (jnp.full((R,), -jnp.inf, f32), jnp.zeros((R,), f32), jnp.zeros((R, D), f32),
-           jnp.zeros((R,), f32))
-  size = V if vocab_block is None else min(vocab_block, V)
-  full = V // size
-  carry, _ = jax.lax.scan(lambda c, i: (block(c, i * size, size), None), carry,
-                          jnp.arange(full))
-  if V % size:  # the last, shorter block
-    carry = block(carry, full * size, V % size)
-  m, s, acc, logit_t = carry
-  g_t = jnp.exp(logit_t - m) - s
-  if cap is not None:
-    g_t = g_t * (1.0 - jnp.square(logit_t / cap))
-  t_t = model._from_bits(bits[targets]).astype(f32)
-  if scale is not None:
-    g_t = g_t * scale[targets, 0].astype(f32)
-  dh = (acc + g_t[:, None] * t_t) * (weights / s)[:, None]
-  nll = jnp.sum((m + jnp.log(s) - logit_t) * weights)
-  return nll, dh.astype(h.dtype)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _chunk_nll(params, h, targets, weights, cfg, vocab_block):
-  return _nll_and_dh(params, h, targets, weights, cfg, vocab_block)[0]
-
-
-def _chunk_nll_fwd(params, h, targets, weights, cfg, vocab_block):
-  # The input gradient is formed in the forward pass, so the backward pass needs neither the
-  # [chunk, V] logits nor a second pass over the output projection.
-  nll, dh = _nll_and_dh(params, h, targets, weights, cfg, vocab_block)
-  return nll, dh
-
-
-def _chunk_nll_bwd(cfg, vocab_block, dh, g):
-  del cfg, vocab_block
-  return None, dh * g.astype(dh.dtype), None, None  # the base params are frozen
-
-
-_chunk_nll.defvjp(_chunk_nll_fwd, _chunk_nll_bwd)
-
-
-def chunked_nll(params: Params, h: jax.Array, targets: jax.Array, weights: jax.Array,
-                cfg: ModelConfig, chunk: int, vocab_block: int | None) -> jax.Array:
-  """Sum of weighted next-token NLL over rows of h [R, D], `chunk` rows of logits at a time.
-
-  Each chunk's logits live only inside its own forward step (see _chunk_nll), one
-  [chunk, vocab_block] block at a time (None: [chunk, V]); each chunk reads the table once.
-  """
-  R, D = h.shape
-  n = -(-R // chunk)  # as many chunks as `chunk` asks for, then equal sizes: 640 rows with
-  chunk = -(-R // n)  # chunk=512 run as 2 x 320, not 2 x 512 with 384 rows of padding
-  pad = n * chunk - R
-  if pad:
-    h = jnp.pad(h, ((0, pad), (0, 0)))
-    targets, weights = jnp.pad(targets, (0, pad)), jnp.pad(weights, (0, pad))
-  emb = params["embedder"]
-  table = emb["input_embedding"]
-  if cfg.matmul_dtype is not None and table.dtype != jnp.int8:  # round once, not per chunk
-    table = table.astype(cfg.matmul_dtype)
-  params = {"embedder": dict(emb, input_embedding=model._to_bits(table))}
-
-  def body(total, xs):
-    return total + _chunk_nll(params, *xs, cfg, vocab_block), None
-
-  total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32),
-                          (h.reshape(n, chunk, D), targets.reshape(n, chunk),
-                           weights.reshape(n, chunk)))
-  return total
-
-
 def loss_sum(lora: Lora | None, params: Params, batch: dict, cfg: ModelConfig,
-             opts: StepOptions = StepOptions(), dropout_key=None):
+             tcfg: TrainConfig = TrainConfig(), dropout_key=None, remat: bool = False):
   """(sum of NLL over the batch's loss positions, their count) for one micro-batch."""
   hidden = model.hidden_states(params, batch["tokens"], cfg, lora=lora,
                                positions=batch["positions"], segment_ids=batch["segment_ids"],
-                               remat=opts.remat, dropout_key=dropout_key)
+                               remat=remat, dropout_key=dropout_key)
   idx = batch["loss_idx"]  # [groups, C], flat positions within each group of rows
   groups, D = idx.shape[0], hidden.shape[-1]
   h = jnp.take_along_axis(hidden.reshape(groups, -1, D), idx[..., None], axis=1)
@@ -216,15 +121,15 @@ def loss_sum(lora: Lora | None, params: Params, batch: dict, cfg: ModelConfig,
   w = batch["loss_w"].astype(jnp.float32)
   # A table sharded over devices along V (parallel="sharded") is best multiplied whole: GSPMD
   # keeps each device on its own shard. Slicing it into blocks would move it across devices.
-  block = None if opts.parallel == "sharded" else VOCAB_BLOCK
-  nll = chunked_nll(params, h.reshape(-1, h.shape[-1]), targets.reshape(-1), w.reshape(-1),
-                    cfg, opts.loss_chunk, block)
+  block = None if tcfg.parallel == "sharded" else loss.VOCAB_BLOCK
+  nll = loss.chunked_nll(params, h.reshape(-1, h.shape[-1]), targets.reshape(-1), w.reshape(-1),
+                         cfg, tcfg.loss_chunk, block)
   return nll, jnp.sum(w)
 
 
-def mean_loss(lora, params, batch, cfg, opts: StepOptions = StepOptions()):
+def mean_loss(lora, params, batch, cfg, tcfg: TrainConfig = TrainConfig(), remat: bool = False):
   """Mean NLL per loss token (evaluation; no dropout)."""
-  nll, n = loss_sum(lora, params, batch, cfg, opts)
+  nll, n = loss_sum(lora, params, batch, cfg, tcfg, remat=remat)
   return nll / jnp.maximum(n, 1.0)
 
 
@@ -247,6 +152,14 @@ def make_schedule(lr: float, total_steps: int, warmup_steps: int = 0, kind: str 
     return decay
   warmup = optax.linear_schedule(0.0, lr, warmup_steps)
   return optax.join_schedules([warmup, decay], [warmup_steps])
+
+
+def optimizer(tcfg: TrainConfig, steps: int):
+  """(AdamW with the section's schedule and clipping, the schedule) for a run of `steps`."""
+  warmup = tcfg.warmup_steps or int(round(tcfg.warmup_ratio * steps))
+  schedule = make_schedule(tcfg.lr, steps, warmup, tcfg.schedule)
+  return make_optimizer(schedule, tcfg.weight_decay, tcfg.clip_norm or None, tcfg.b1, tcfg.b2,
+                        tcfg.eps), schedule
 
 
 def make_optimizer(schedule, weight_decay: float = 0.0, clip_norm: float | None = 1.0,
@@ -275,15 +188,16 @@ def _split_micro(batch: dict, m: int, devices: int) -> dict:
   return jax.tree.map(split, batch)
 
 
-def _grad_sums(lora, params, batch, key, cfg, opts, devices=1):
+def _grad_sums(lora, params, batch, key, cfg, tcfg, remat, devices=1):
   """Summed (not averaged) LoRA gradients, NLL and token count over the micro-batches."""
-  micro = _split_micro(batch, opts.micro_batches, devices)
-  keys = jax.random.split(key, opts.micro_batches)
+  micro = _split_micro(batch, tcfg.micro_batches, devices)
+  keys = jax.random.split(key, tcfg.micro_batches)
 
   def body(carry, xs):
     g_acc, nll_acc, n_acc = carry
     b, k = xs
-    (nll, n), g = jax.value_and_grad(loss_sum, has_aux=True)(lora, params, b, cfg, opts, k)
+    (nll, n), g = jax.value_and_grad(loss_sum, has_aux=True)(lora, params, b, cfg, tcfg, k,
+                                                             remat)
     return (jax.tree.map(jnp.add, g_acc, g), nll_acc + nll, n_acc + n), None
 
   zeros = jax.tree.map(jnp.zeros_like, lora)
@@ -293,7 +207,8 @@ def _grad_sums(lora, params, batch, key, cfg, opts, devices=1):
 
 
 def make_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation,
-                    mesh: jax.sharding.Mesh | None = None, opts: StepOptions = StepOptions()):
+                    mesh: jax.sharding.Mesh | None = None, tcfg: TrainConfig = TrainConfig(),
+                    remat: bool = False):
   """Build `train_step(lora, opt_state, params, batch, key=None) -> (lora, opt_state, metrics)`.
 
   The loss is the mean over every loss token of the global batch: per-device NLL sums and
@@ -301,20 +216,21 @@ def make_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation,
   depend on how the batch is split over devices or micro-batches. lora and opt_state are donated.
   """
   mesh = make_mesh() if mesh is None else mesh
-  if opts.parallel == "data":
+  if tcfg.parallel == "data":
     def per_device(lora, params, batch, key):
       key = jax.random.fold_in(key, jax.lax.axis_index(DATA_AXIS))
-      g, nll, n = _grad_sums(lora, params, batch, key, cfg, opts)
+      g, nll, n = _grad_sums(lora, params, batch, key, cfg, tcfg, remat)
       return jax.lax.psum((g, nll, n), DATA_AXIS)
 
     # check_vma off: the accumulators start replicated and become per-device inside the scans;
     # the explicit psum makes the outputs replicated again.
     grad_sums = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(), P(DATA_AXIS), P()),
                               out_specs=P(), check_vma=False)
-  elif opts.parallel == "sharded":
-    grad_sums = functools.partial(_grad_sums, cfg=cfg, opts=opts, devices=mesh.devices.size)
+  elif tcfg.parallel == "sharded":
+    grad_sums = functools.partial(_grad_sums, cfg=cfg, tcfg=tcfg, remat=remat,
+                                  devices=mesh.devices.size)
   else:
-    raise ValueError(f"unknown parallel mode {opts.parallel!r}; expected 'data' or 'sharded'")
+    raise ValueError(f"unknown parallel mode {tcfg.parallel!r}; expected 'data' or 'sharded'")
 
   def step(lora, opt_state, params, batch, key):
     g, nll, n = grad_sums(lora, params, batch, key)

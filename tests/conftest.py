@@ -1,17 +1,44 @@
-"""Shared pytest fixtures: the real Gemma 3 270M GGUF, loaded once per session."""
+"""Shared pytest fixtures: the real data folder, a tiny Gemma 2, the real Gemma 3 270M GGUF."""
 
 import os
+from pathlib import Path
 
 import pytest
+
+# beside the checkout, outside the project: the data is not ours to ship
+DEFAULT_SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+# The LoRA and train tests' model: Gemma 2 with transformers' own soft-caps (50, 30) and init,
+# two layers, and a window of 8 that the tests' sequences of 16-24 tokens outrun.
+TINY_GEMMA2 = dict(vocab_size=256, intermediate_size=64, num_hidden_layers=2, head_dim=16,
+                   query_pre_attn_scalar=16, sliding_window=8, initializer_range=0.02,
+                   attn_logit_softcapping=50.0, final_logit_softcapping=30.0, norm_std=0.3)
+
+
+def pytest_addoption(parser):
+  parser.addoption("--shared-data", metavar="DIR", default=None,
+                   help="folder of the real data sets (alpaca_en_demo.json); default: "
+                   "$JAX_IT_SHARED_DATA, else shared/data beside the checkout")
+
+
+@pytest.fixture(scope="session")
+def shared_data(request) -> Path:
+  """The real data folder (--shared-data, $JAX_IT_SHARED_DATA, ../shared/data); skips if absent."""
+  path = Path(request.config.getoption("shared_data") or os.environ.get("JAX_IT_SHARED_DATA")
+              or DEFAULT_SHARED_DATA)
+  if not path.is_dir():
+    pytest.skip(f"real data folder {path} absent: pass --shared-data DIR or set "
+                "JAX_IT_SHARED_DATA")
+  return path
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-  """(transformers model, params, cfg) of a tiny random Gemma 2 saved and read back by weights.load."""
-  import reference
+  """(transformers model, params, cfg) of a tiny random Gemma 2, saved and read by weights.load."""
+  from jax_it import reference as ref
   from jax_it import weights
   path = tmp_path_factory.mktemp("gemma2")
-  hf = reference.tiny_gemma2(path, window=8)
+  hf = ref.tiny_hf("gemma2", save_to=path, **TINY_GEMMA2)
   params, cfg = weights.load(str(path))
   return hf, params, cfg
 

@@ -59,7 +59,7 @@ def one_step(devices, opts, rows=slice(None)):
 def main():
   import jax.experimental.multihost_utils  # noqa: F401
   if MODE == "devices":
-    S = train.StepOptions
+    S = train.TrainConfig
     runs = {"1dev": one_step(jax.devices()[:1], S(loss_chunk=8)),
             "4dev_data": one_step(jax.devices(), S(loss_chunk=8)),
             "4dev_data_micro2": one_step(jax.devices(), S(loss_chunk=8, micro_batches=2)),
@@ -70,7 +70,7 @@ def main():
   else:
     i, n = jax.process_index(), jax.process_count()
     half = 8 // n
-    r = one_step(jax.devices(), train.StepOptions(loss_chunk=8), slice(i * half, (i + 1) * half))
+    r = one_step(jax.devices(), train.TrainConfig(loss_chunk=8), slice(i * half, (i + 1) * half))
     out = {"loss": r["loss"], "lora": r["lora"].tolist(), "devices": jax.device_count(),
            "processes": n}
   print(json.dumps(out))

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from jax_it import config
+from jax_it import config, lora, schema
 
 CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
 
@@ -29,7 +29,7 @@ def test_shipped_config_set_and_key_values():
   assert {p.name for p in CONFIGS} >= {"default.yaml", "tiny.yaml", "gemma2_2b_alpaca.yaml",
                                        "gemma2_2b_alpaca_improved.yaml"}
   ref = config.load_config(str(CONFIGS[0].parent / "gemma2_2b_alpaca.yaml"), [])
-  assert (ref.lora.r, ref.lora.alpha, ref.lora.targets) == (8, 32.0, ["q_proj", "v_proj"])
+  assert (ref.lora.r, ref.lora.alpha, ref.lora.targets) == (8, 32.0, ("q_proj", "v_proj"))
   assert (ref.train.lr, ref.train.warmup_steps, ref.train.weight_decay) == (5e-5, 500, 0.01)
   assert (ref.data.template, ref.data.loss_on, ref.data.add_eos) == ("reference", "all", False)
   tiny = config.load_config(str(CONFIGS[0].parent / "tiny.yaml"), [])
@@ -48,17 +48,15 @@ def test_overrides_nested_list_and_types():
       "lora.targets=[q_proj,k_proj]", "train.lr=5e-5", "lora.alpha=16", "model.remat=true",
       "data.path=[a.json, b.json]", "model.path=123", "data.fields.output=answer",
       "data.template_no_input=null", "train.micro_batches=4"])
-  assert cfg.lora.targets == ["q_proj", "k_proj"]
+  assert cfg.lora.targets == ("q_proj", "k_proj")
   assert cfg.train.lr == 5e-5 and isinstance(cfg.train.lr, float)
   assert cfg.lora.alpha == 16.0 and isinstance(cfg.lora.alpha, float)  # int for float is fine
   assert cfg.model.remat is True
-  assert cfg.data.path == ["a.json", "b.json"]
+  assert cfg.data.path == ("a.json", "b.json")
   assert cfg.model.path == "123"  # a string field keeps the text as written
   assert cfg.data.fields == {"instruction": "instruction", "input": "input", "output": "answer"}
   assert cfg.data.template_no_input is None
-  assert config.load_config(None, ["lora.targets=all-linear"]).lora.targets == "all-linear"
-  assert config.lora_targets(config.load_config(None, ["lora.targets=all-linear"]).lora) == \
-      config.LORA_TARGETS
+  assert config.load_config(None, ["lora.targets=all-linear"]).lora.targets == lora.ALL_LINEAR
 
 
 def test_overrides_apply_in_order_and_validate_at_the_end():
@@ -144,3 +142,59 @@ def test_non_mapping_yaml(tmp_path):
   assert "mapping" in _error(str(path))
   path.write_text("train: 3\n")
   assert "'train'" in _error(str(path))
+
+
+# ---------------------------------------------------------------------------------------------
+# Every key reaches the code that uses it
+
+ROOT = Path(__file__).parents[1]
+# Reads that do not use a value: validation, the checkpoint identity, the methods dataclasses
+# generates (their file is "<string>"), (de)serialisation in config.py and schema.py.
+_NOT_USES = {"__post_init__", "check", "identity"}
+_NOT_USE_FILES = ("<string>", "config.py", "schema.py", "dataclasses.py", "copy.py")
+
+
+def _spy_on_reads(monkeypatch) -> set[str]:
+  """Record `section.key` whenever library or run code reads a config key."""
+  import sys
+
+  read = set()
+  for name, cls in config.SECTIONS.items():
+    keys = set(schema.keys(cls))
+    original = cls.__getattribute__
+
+    def spy(self, attr, _original=original, _keys=keys, _name=name):
+      code = sys._getframe(1).f_code
+      if (attr in _keys and code.co_name not in _NOT_USES
+          and not code.co_filename.endswith(_NOT_USE_FILES)):
+        read.add(f"{_name}.{attr}")
+      return _original(self, attr)
+
+    monkeypatch.setattr(cls, "__getattribute__", spy)
+  return read
+
+
+def test_every_config_key_reaches_the_code_that_uses_it(tmp_path, monkeypatch):
+  """Two short in-process runs of `run.py train` (the synthetic set; then a data file, epochs and
+  a warmup ratio) read every key of every section: none is declared and then ignored."""
+  import json
+  import sys
+
+  sys.path.insert(0, str(ROOT))
+  import run
+
+  read = _spy_on_reads(monkeypatch)
+  tiny = str(ROOT / "configs" / "tiny.yaml")
+  common = ["--no-progress", "train.eval_every=1", "report.eval_samples=1"]
+  assert run.main(["--config", tiny, "--run-dir", str(tmp_path / "a"), "train.max_steps=2",
+                   *common]) == 0
+  records = [{"instruction": f"Repeat the word {w}.", "input": "", "output": w}
+             for w in ("red", "blue", "green", "gold", "gray", "pink", "teal", "tan", "jade",
+                       "lime", "navy", "plum")]
+  (tmp_path / "records.json").write_text(json.dumps(records))
+  assert run.main(["--config", tiny, "--run-dir", str(tmp_path / "b"), "train.max_steps=0",
+                   "train.warmup_steps=0", "train.warmup_ratio=0.5", "data.batch_mode=pad",
+                   f"data.path={tmp_path / 'records.json'}", "data.split_shuffle=true",
+                   *common]) == 0
+  declared = {f"{n}.{k}" for n, cls in config.SECTIONS.items() for k in schema.keys(cls)}
+  assert declared - read == set()

@@ -15,9 +15,8 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from jax_it import data, packing
+from jax_it import data, packing, schema
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 REPO = Path(__file__).resolve().parents[1]
 
 # ids known by hand: specials as in Gemma (pad 0, eos 1, bos 2), then one id per word
@@ -322,11 +321,12 @@ def test_malformed_json_names_file_and_line(tmp_path):
 
 
 def test_unknown_field_names_and_settings():
-  with pytest.raises(data.DataError, match=r"unknown field name\(s\) \['answer'\]"):
+  # the same checks and messages as a YAML config gets (jax_it/schema.py)
+  with pytest.raises(schema.ConfigError, match=r"data.fields=\{'answer': 'output'\} is invalid"):
     data.DataConfig(path="x.json", fields={"answer": "output"})
-  with pytest.raises(data.DataError, match="batch_mode"):
+  with pytest.raises(schema.ConfigError, match="data.batch_mode='stack' .* one of pack, pad"):
     data.DataConfig(path="x.json", batch_mode="stack")
-  with pytest.raises(data.DataError, match="splits"):
+  with pytest.raises(schema.ConfigError, match="data.splits=.*sum to 1"):
     data.DataConfig(path="x.json", splits=(0.5, 0.2, 0.2))
   with pytest.raises(data.DataError, match="no such file"):
     data.load_records(data.DataConfig(path="/nonexistent/x.json"))
@@ -417,12 +417,13 @@ def gemma_tokenizer():
   return AutoTokenizer.from_pretrained(os.path.dirname(p), gguf_file=os.path.basename(p))
 
 
-@pytest.mark.skipif(not (SHARED_DATA / "alpaca_en_demo.json").exists(),
-                    reason=f"real Alpaca data absent ({SHARED_DATA} is outside the project)")
-def test_packing_keeps_95_percent_real_tokens_on_alpaca(gemma_tokenizer):
-  tok = gemma_tokenizer
+def test_packing_keeps_95_percent_real_tokens_on_alpaca(shared_data, request):
+  alpaca = shared_data / "alpaca_en_demo.json"
+  if not alpaca.exists():
+    pytest.skip(f"real Alpaca data absent: no {alpaca} (--shared-data DIR picks the folder)")
+  tok = request.getfixturevalue("gemma_tokenizer")  # ~40 s: only once the data is known there
   assert (tok.pad_token_id, tok.eos_token_id, tok.bos_token_id) == (0, 1, 2)
-  cfg = data.DataConfig(path=str(SHARED_DATA / "alpaca_en_demo.json"), splits=(1, 0, 0))
+  cfg = data.DataConfig(path=str(alpaca), splits=(1, 0, 0))
   records = data.load_records(cfg)
   shares = {}
   for mode in ("pack", "pad"):

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_it import lora, quant, train
+from jax_it.families import PROJECTIONS
 
 TEXT = ("Below is an instruction that describes a task. Write a response that appropriately "
         "completes the request.\n\n### Instruction:\nName three primary colors.\n\n### Response:"
@@ -42,3 +43,13 @@ def test_int8_base_halves_memory_and_keeps_the_loss(gemma3_params, gemma3_gguf_p
   for name in ("q_proj", "v_proj"):
     a, b = (np.asarray(g.weights[name]["b"], np.float64) for g in (grads_mixed, grads))
     assert np.linalg.norm(a - b) <= 0.1 * np.linalg.norm(b), name
+
+
+def test_input_axes_come_from_projections():
+  """The contracted axes of each stacked weight, derived from families.PROJECTIONS."""
+  derived = {(p.block, p.param): quant.input_axes(p) for p in PROJECTIONS.values()}
+  assert derived == {("attn", "q_einsum"): (2,),  # [L, N, D, H]
+                     ("attn", "kv_einsum"): (3,),  # [L, 2, K, D, H]
+                     ("attn", "attn_vec_einsum"): (1, 2),  # [L, N, H, D]
+                     ("mlp", "gating_einsum"): (2,),  # [L, 2, D, F]
+                     ("mlp", "linear"): (1,)}  # [L, F, D]

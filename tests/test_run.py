@@ -94,7 +94,8 @@ def _safe_losses(run_dir):
 def test_generate_export_and_compare(trained, tmp_path):
   import torch
   from transformers import AutoModelForCausalLM
-  from jax_it import cli, config, loop, model
+  from jax_it import config, model
+  from jax_it.run import setup
 
   run_dir, _ = trained
   out = run("generate", "--run-dir", run_dir, "--prompt", "Reverse the words.", "--input",
@@ -106,10 +107,11 @@ def test_generate_export_and_compare(trained, tmp_path):
   assert os.path.exists(os.path.join(export_dir, "adapter_model.safetensors"))
   hf = AutoModelForCausalLM.from_pretrained(os.path.join(export_dir, "merged"),
                                             attn_implementation="eager")
-  s = loop.setup(config.load_config(os.path.join(run_dir, "config.yaml"), []), run_dir)
-  adapter = cli._load_adapter(s)
+  ctx = setup.make_context(config.load_config(os.path.join(run_dir, "config.yaml"), []), run_dir)
+  adapter = setup.load_adapter(ctx)
   tokens = np.random.default_rng(0).integers(3, 1000, (2, 40))
-  ours = np.asarray(model.forward(s.params, jnp.asarray(tokens, jnp.int32), s.mcfg, lora=adapter))
+  ours = np.asarray(model.forward(ctx.params, jnp.asarray(tokens, jnp.int32), ctx.mcfg,
+                                  lora=adapter))
   theirs = hf(torch.as_tensor(tokens)).logits.detach().numpy()
   assert np.abs(ours - theirs).max() / np.abs(theirs).max() <= 1e-4
 

@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 
 from jax_it import lora as lora_lib
-from jax_it import model, sample
+from jax_it import families, model, sample
 
 V = 97
 BOS, EOS, PAD = 2, 1, 0
 N_NEW = 10  # one length everywhere, so tests share compiled programs
 # sliding window 6 is shorter than every prompt + generation below, so local layers really slide
-GEMMA2 = model.gemma2_config(4, 32, 64, 4, 2, 8, 8, vocab_size=V, sliding_window=6)
-GEMMA3 = model.gemma3_config(6, 32, 64, 4, 1, 8, vocab_size=V, sliding_window=6,
+GEMMA2 = families.gemma2_config(4, 32, 64, 4, 2, 8, 8, vocab_size=V, sliding_window=6)
+GEMMA3 = families.gemma3_config(6, 32, 64, 4, 1, 8, vocab_size=V, sliding_window=6,
                              rope_scale_global=8.0)
 CONFIGS = {"gemma2": GEMMA2, "gemma3": GEMMA3}
 
@@ -209,38 +209,30 @@ def test_bad_input_raises(params):
 # Against transformers
 
 
-def _hf_model(family):
-  torch = pytest.importorskip("torch")
-  transformers = pytest.importorskip("transformers")
-  common = dict(vocab_size=V, hidden_size=32, intermediate_size=64, num_attention_heads=4,
-                head_dim=8, sliding_window=6, pad_token_id=PAD, eos_token_id=EOS,
-                bos_token_id=BOS, attn_implementation="eager")
-  if family == "gemma2":
-    config = transformers.Gemma2Config(num_hidden_layers=4, num_key_value_heads=2,
-                                       query_pre_attn_scalar=8, **common)
-    cls = transformers.Gemma2ForCausalLM
-  else:
-    config = transformers.Gemma3TextConfig(num_hidden_layers=6, num_key_value_heads=1,
-                                           query_pre_attn_scalar=8, **common)
-    cls = transformers.Gemma3ForCausalLM
-  torch.manual_seed(0)
-  hf = cls(config).eval()
-  with torch.no_grad():
-    for name, w in hf.named_parameters():
-      w.normal_(0.0, 0.1 if "embed" in name else 0.5 if "norm" in name else 0.3)
-  return hf
+# transformers models shaped like GEMMA2 and GEMMA3 (but with transformers' default soft-caps and
+# no rope scaling: the test reads their config back), every weight redrawn as large as in
+# random_params so that greedy paths diverge on any error.
+HF_TWINS = {
+    "gemma2": dict(num_hidden_layers=4, num_key_value_heads=2, attn_logit_softcapping=50.0,
+                   final_logit_softcapping=30.0),
+    "gemma3": dict(num_hidden_layers=6, num_key_value_heads=1, rope_scaling=None),
+}
 
 
 @pytest.mark.parametrize("family", ["gemma2", "gemma3"])
 def test_greedy_matches_transformers(tmp_path, family):
   if importlib.util.find_spec("jax_it.weights") is None:
     pytest.skip("jax_it.weights is not written yet; it loads the transformers checkpoint")
-  import torch
+  torch = pytest.importorskip("torch")
+  pytest.importorskip("transformers")
 
+  from jax_it import reference as ref
   from jax_it import weights
 
-  hf = _hf_model(family)
-  hf.save_pretrained(tmp_path)
+  hf = ref.tiny_hf(family, vocab_size=V, intermediate_size=64, sliding_window=6,
+                   query_pre_attn_scalar=8, initializer_range=0.02, pad_token_id=PAD,
+                   eos_token_id=EOS, bos_token_id=BOS, weight_std=0.3, embed_std=0.1,
+                   save_to=tmp_path, **HF_TWINS[family])
   p, cfg = weights.load(str(tmp_path))
   prompts = random_prompts([5, 9], seed=9)
   ours = sample.generate(p, cfg, prompts, max_new_tokens=N_NEW, eos_id=EOS, pad_id=PAD)

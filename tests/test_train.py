@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-import reference as ref
+from jax_it import reference as ref
 from jax_it import lora, train
 
 HERE = os.path.dirname(__file__)
@@ -48,7 +48,7 @@ def test_training_curve_matches_torch_peft(tiny, tmp_path):
 
   opt = train.make_optimizer(train.make_schedule(lr, steps, warmup), weight_decay=wd)
   step = train.make_train_step(cfg, opt, train.make_mesh(jax.devices()[:1]),
-                               train.StepOptions(loss_chunk=32))
+                               train.TrainConfig(loss_chunk=32))
   opt_state = opt.init(adapter)
   losses = []
   for s in range(steps):
@@ -65,7 +65,7 @@ def test_step_leaves_base_params_and_zero_b_gives_base_loss(tiny):
   before = jax.tree.map(lambda x: np.asarray(x).copy(), params)
   batch = train.add_loss_index(ref.random_batch(np.random.default_rng(1), 2, 16, cfg.vocab_size))
   adapter = lora.init(jax.random.key(0), cfg, lora.LoraConfig(r=4, targets="all-linear"))
-  opts = train.StepOptions(loss_chunk=16)
+  opts = train.TrainConfig(loss_chunk=16)
   base_loss = train.mean_loss(None, params, batch, cfg, opts)
   opt = train.make_optimizer(train.make_schedule(1e-2, 10))
   step = train.make_train_step(cfg, opt, train.make_mesh(jax.devices()[:1]), opts)

@@ -1,5 +1,6 @@
 """Checkpoint readers and writers: HF, GGUF and Flax/orbax layouts, dtypes and bad input."""
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -10,33 +11,23 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from jax_it import model, weights
+from jax_it import families, model, reference, weights
+from jax_it.ckpt import flax as ckpt_flax
+from jax_it.ckpt import hf as ckpt_hf
+from jax_it.ckpt import tokenizer as ckpt_tokenizer
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 gguf = pytest.importorskip("gguf")
 ocp = pytest.importorskip("orbax.checkpoint")
 
-TINY = dict(vocab_size=64, hidden_size=16, intermediate_size=24, num_attention_heads=2,
-            num_key_value_heads=1, head_dim=8, initializer_range=0.2)
+# narrower than reference.TINY, two layers: the loaders' tests need many checkpoints, fast
+SMALL = dict(vocab_size=64, hidden_size=16, intermediate_size=24, num_attention_heads=2,
+             num_key_value_heads=1, head_dim=8, num_hidden_layers=2)
 
 
 def _tiny_hf(kind="gemma2", **overrides):
-  torch.manual_seed(0)
-  if kind == "gemma1":
-    m = transformers.GemmaForCausalLM(transformers.GemmaConfig(num_hidden_layers=2,
-                                                               **{**TINY, **overrides}))
-  elif kind == "gemma2":
-    m = transformers.Gemma2ForCausalLM(transformers.Gemma2Config(num_hidden_layers=2,
-                                                                 **{**TINY, **overrides}))
-  else:
-    m = transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(num_hidden_layers=2,
-                                                                     **{**TINY, **overrides}))
-  with torch.no_grad():
-    for name, p in m.named_parameters():
-      if "norm" in name:
-        p.copy_(0.5 * torch.randn_like(p))
-  return m.eval()
+  return reference.tiny_hf(kind, **{**SMALL, **overrides})
 
 
 def _assert_same(a, b):
@@ -92,6 +83,18 @@ def test_bfloat16_safetensors_file(tmp_path):
   _assert_same(weights.load(tmp_path / "f32")[0], weights.load(tmp_path / "bf16")[0])
 
 
+@pytest.mark.parametrize("kind", ["gemma1", "gemma2", "gemma3"])
+def test_hf_load_then_export_gives_the_same_transformers_model(kind, tmp_path):
+  m = _tiny_hf(kind)
+  m.save_pretrained(tmp_path / "in")
+  params, cfg = weights.load(tmp_path / "in")
+  ckpt_hf.save_hf(params, cfg, str(tmp_path / "out"))  # query_pre_attn_scalar read as a float
+  again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out",
+                                                            attn_implementation="eager")
+  tokens = [[2, 5, 7, 9, 11, 13, 3, 4, 40, 41]]
+  np.testing.assert_array_equal(_logits(again.eval(), tokens), _logits(m, tokens))
+
+
 def test_hf_multimodal_gemma3_config_uses_text_config():
   text = {"hidden_size": 16, "intermediate_size": 24, "model_type": "gemma3_text",
           "num_hidden_layers": 12, "rope_scaling": {"factor": 8.0, "rope_type": "linear"},
@@ -100,6 +103,49 @@ def test_hf_multimodal_gemma3_config_uses_text_config():
   assert cfg.family == "gemma3" and cfg.num_heads == 8 and cfg.num_kv_heads == 4
   assert cfg.rope_scale_global == 8.0 and cfg.rope_base_global == 1e6
   assert cfg.local_layers == (True,) * 5 + (False,) + (True,) * 5 + (False,)
+
+
+# ---------------------------------------------------------------------------------------------
+# The family table: one source for configs, readers and writers
+
+
+@pytest.mark.parametrize("name", sorted(families.PRESETS))
+def test_preset_round_trips_through_hf_config(name):
+  """Export writes a config.json from the table; the reader maps it back to the same config."""
+  preset = families.PRESETS[name]
+  d = ckpt_hf.hf_config(preset).to_dict()
+  assert d["model_type"] == families.FAMILIES[preset.family].hf_types[0]
+  assert weights.hf_config_to_model(d, preset.vocab_size) == preset
+
+
+def _official_shapes(cfg):
+  """Shapes of the official flat Flax layout of cfg (no arrays)."""
+  shapes = jax.eval_shape(lambda: model.init_params(jax.random.key(0), cfg))
+  out = {}
+  for k, s in traverse_util.flatten_dict(shapes, sep="/").items():
+    if not k.startswith("layers/"):
+      out[k] = s.shape
+      continue
+    shape = s.shape[1:]
+    if k == "layers/mlp/gating_einsum/w" and cfg.transposed_gating:
+      shape = (2, cfg.hidden_dim, cfg.embed_dim)
+    out.update({f"layer_{i}/{k[len('layers/'):]}": shape for i in range(cfg.num_layers)})
+  return out
+
+
+OFFICIAL = {**{k: v for k, v in families.PRESETS.items() if k != "gemma2-tiny"},
+            "gemma3-4b": families.gemma3_config(34, 2560, 10240, 8, 4, rope_scale_global=8.0),
+            "gemma3-27b": dataclasses.replace(families.gemma3_config(62, 5376, 21504, 32, 16, 128,
+                                                                     rope_scale_global=8.0),
+                                              query_pre_attn_scalar=168)}
+
+
+@pytest.mark.parametrize("name", sorted(OFFICIAL))
+def test_official_configs_from_flax_shapes_alone(name):
+  """A Kaggle checkpoint has shapes only: the table's per-model facts (window, RoPE scale, query
+  scale, gating layout) recover the official config."""
+  cfg = OFFICIAL[name]
+  assert ckpt_flax._config(_official_shapes(cfg), None, Path(name)) == cfg
 
 
 # ---------------------------------------------------------------------------------------------
@@ -252,7 +298,6 @@ def test_flax_qkv_einsum_when_kv_heads_equal_heads(tmp_path):
 
 @pytest.mark.parametrize("transposed", [False, True])
 def test_flax_gating_layout_inferred_from_shapes(transposed, hf_dir, tmp_path):
-  import dataclasses
   _, path = hf_dir
   params, cfg = weights.load(path)
   cfg = dataclasses.replace(cfg, transposed_gating=transposed)
@@ -284,9 +329,9 @@ def test_gguf_tokenizer_cache_encodes_like_a_fresh_build(gemma3_gguf_path, tmp_p
   monkeypatch.setenv("JAX_IT_CACHE", str(tmp_path))
   path = Path(gemma3_gguf_path)
   fresh = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-  weights._gguf_tokenizer(path)  # builds and saves the cache entry
+  ckpt_tokenizer.gguf_tokenizer(path)  # builds and saves the cache entry
   assert len(list((tmp_path / "tokenizers").iterdir())) == 1
-  cached = weights._gguf_tokenizer(path)  # now read from the cache
+  cached = ckpt_tokenizer.gguf_tokenizer(path)  # now read from the cache
   text = "Below is an instruction.\n\n### Input:\nÜber 3.5 Äpfel, 東京 🍎 <b>x</b>\t  end"
   assert cached.encode(text) == fresh.encode(text)
   assert (cached.bos_token_id, cached.eos_token_id, cached.pad_token_id) == (2, 1, 0)

@@ -70,10 +70,18 @@ def _abstract(tree):
 
 
 def check_identity(saved: dict, current: dict, where: str):
-  """Refuse to resume a run whose model, adapter shape or data differ from the checkpoint's."""
-  diffs = [k for k in current if k in saved and saved[k] != current[k]]
-  if diffs:
-    k = diffs[0]
-    raise CheckpointMismatch(
-        f"{where} holds checkpoints of a different run ({k}: saved {saved[k]!r}, this run "
-        f"{current[k]!r}); use another --run-dir or delete that folder")
+  """Refuse to resume a run whose model, adapter shape or data differ from the checkpoint's.
+
+  Only keys both sides have are compared, one level into sections: an option added to the
+  config after the checkpoint was written is no difference.
+  """
+  for k in current:
+    if k not in saved:
+      continue
+    a, b = saved[k], current[k]
+    if isinstance(a, dict) and isinstance(b, dict):
+      a, b = ({n: d[n] for n in a.keys() & b.keys()} for d in (a, b))
+    if a != b:
+      raise CheckpointMismatch(
+          f"{where} holds checkpoints of a different run ({k}: saved {a!r}, this run "
+          f"{b!r}); use another --run-dir or delete that folder")

@@ -5,34 +5,64 @@ from __future__ import annotations
 import json
 import os
 
-from jax_it import data, loop, sample, synth
+import jax
+
+from jax_it import data, sample, synth, train
+from jax_it.run.setup import Context
 
 
-def responses(s: loop.Setup, records: list[dict], adapter, batch: int = 16) -> list[tuple[str, bool]]:
+def eval_loss(ctx: Context, adapter, records, max_batches: int = 0) -> float:
+  """Mean response-token (loss-mask) NLL over records, in pad mode, no shuffle."""
+  if not records:
+    return float("nan")
+  fn = _eval_fn(ctx.mcfg, ctx.cfg.train)
+  nll, count = 0.0, 0.0
+  batches = data.eval_batches(records, ctx.tokenizer, ctx.cfg.data, ctx.cfg.train.batch_size)
+  for i, batch in enumerate(batches):
+    if max_batches and i >= max_batches:
+      break
+    a, b = fn(adapter, ctx.params, train.prepare_batch(batch, ctx.mesh))
+    nll, count = nll + float(a), count + float(b)
+  return nll / max(count, 1.0)
+
+
+_EVAL_FNS = {}
+
+
+def _eval_fn(mcfg, tcfg):
+  key = (mcfg, tcfg)
+  if key not in _EVAL_FNS:
+    _EVAL_FNS[key] = jax.jit(lambda a, p, b: train.loss_sum(a, p, b, mcfg, tcfg))
+  return _EVAL_FNS[key]
+
+
+def responses(ctx: Context, records: list[dict], adapter,
+              batch: int = 16) -> list[tuple[str, bool]]:
   """Greedy (or configured) responses to each record's prompt, in batches."""
-  template = data.get_template(s.dcfg.template, s.dcfg.template_no_input)
+  d, g = ctx.cfg.data, ctx.cfg.generate
+  template = data.get_template(d.template, d.template_no_input)
   prompts = [data.format_prompt(r, template)[0] for r in records]
-  g = s.cfg.generate
   out = []
   for i in range(0, len(prompts), batch):
-    out += sample.generate_text(s.params, s.mcfg, s.tokenizer, prompts[i:i + batch], lora=adapter,
-                                max_new_tokens=g.max_new_tokens, temperature=g.temperature,
-                                top_k=g.top_k, top_p=g.top_p, seed=g.seed)
+    out += sample.generate_text(ctx.params, ctx.mcfg, ctx.tokenizer, prompts[i:i + batch],
+                                lora=adapter, max_new_tokens=g.max_new_tokens,
+                                temperature=g.temperature, top_k=g.top_k, top_p=g.top_p,
+                                seed=g.seed)
   return out
 
 
-def compare(s: loop.Setup, adapter, records: list[dict], n_generate: int) -> dict:
+def compare(ctx: Context, adapter, records: list[dict], n_generate: int) -> dict:
   """Metrics of base (no adapter) and tuned model on held-out records, and the responses."""
   gen = records[:n_generate]
   result = {"records": len(records), "generated": len(gen), "rows": []}
   rows = [{"instruction": r["instruction"], "input": r["input"], "output": r["output"]}
           for r in gen]
   for name, a in (("base", None), ("tuned", adapter)):
-    res = responses(s, gen, a) if gen else []
+    res = responses(ctx, gen, a) if gen else []
     for row, (text, stopped) in zip(rows, res):
       row[f"response_{name}"] = text
       row[f"eos_{name}"] = stopped
-    result[f"loss_{name}"] = loop.eval_loss(s, a, records)
+    result[f"loss_{name}"] = eval_loss(ctx, a, records)
     result[f"eos_share_{name}"] = sum(st for _, st in res) / max(len(res), 1)
     if gen and all("family" in r for r in gen):  # the synthetic set's answers are checkable
       result[f"accuracy_{name}"] = synth.accuracy(gen, [t for t, _ in res])

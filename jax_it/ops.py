@@ -1,0 +1,147 @@
+"""Backend-specific ways of computing the model's math, behind one plain interface.
+
+`model.py`, `lora.py` and `loss.py` call these functions instead of jnp directly where XLA's CPU
+backend needs help; each takes the resolved `kernels` name of the model config:
+
+  "plain": what accelerators run: jnp.einsum with the matmul inputs rounded to the matmul dtype
+           and float32 accumulation, JAX's own autodiff, layers and tables indexed as they are.
+  "cpu":   three workarounds for XLA:CPU, each measured in benchmarks/RESULTS.md:
+           - a hand-written matmul VJP that rounds the incoming gradient to the matmul dtype (the
+             bf16 units are 3-5x faster than float32 here) and keeps the weight itself, not a
+             slice or dequantized copy, as its residual (scan would store one per layer);
+           - bfloat16 weights and the embedding table carried as uint16 bit patterns: XLA:CPU
+             turns any slice of a bfloat16 array into float32 and hoists a float32 copy of the
+             whole stacked array out of the loop;
+           - an optimization barrier tying the loss's table to the rows it multiplies, so JAX's
+             scan partial evaluation does not hoist every vocabulary block's slice at once.
+  "auto":  "cpu" on the CPU backend, "plain" elsewhere.
+
+tests/test_ops.py runs a loss and its LoRA gradients through both and finds them equal.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+KERNELS = ("auto", "plain", "cpu")
+
+
+def resolve(kernels: str) -> str:
+  """"plain" or "cpu" for a config's `kernels` setting (read at trace time)."""
+  if kernels not in KERNELS:
+    raise ValueError(f"model.kernels={kernels!r}: expected one of {', '.join(KERNELS)}")
+  if kernels == "auto":
+    return "cpu" if jax.default_backend() == "cpu" else "plain"
+  return kernels
+
+
+# ---------------------------------------------------------------------------------------------
+# Matmuls
+
+
+def einsum(eq: str, x: jax.Array, w: jax.Array, dtype: str | None = None, *,
+           scale: jax.Array | None = None, part: int | None = None,
+           kernels: str = "auto") -> jax.Array:
+  """`jnp.einsum(eq, x, w)`; w may be an int8 weight (dequantized by `scale`, see quant.py).
+
+  With `dtype` (e.g. "bfloat16") both inputs are rounded to it and the result is float32 (fast
+  bf16 units, float32 accumulation). `part` uses `w[part]`, one half of a stacked gate/up or
+  key/value weight.
+  """
+  dtype = None if dtype is None else jnp.dtype(dtype).name
+  if resolve(kernels) == "cpu":
+    return _einsum(eq, dtype, part, x, w, scale)
+  wp = _weight_part(w, scale, part)
+  if dtype is None:
+    return jnp.einsum(eq, x, wp)
+  return jnp.einsum(eq, x.astype(dtype), wp.astype(dtype), preferred_element_type=jnp.float32)
+
+
+def _weight_part(w, scale, part):
+  if part is not None:
+    w, scale = w[part], None if scale is None else scale[part]
+  return w if scale is None else w.astype(scale.dtype) * scale
+
+
+def _einsum_fwd(eq, dtype, part, x, w, scale):
+  wp = _weight_part(w, scale, part)
+  if dtype is None:
+    return jnp.einsum(eq, x, wp), (x, w, scale, jnp.zeros((0,), x.dtype))
+  xl = x.astype(dtype)
+  out = jnp.einsum(eq, xl, wp.astype(dtype), preferred_element_type=jnp.float32)
+  return out, (xl, w, scale, jnp.zeros((0,), x.dtype))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _einsum(eq, dtype, part, x, w, scale):
+  return _einsum_fwd(eq, dtype, part, x, w, scale)[0]
+
+
+def _einsum_bwd(eq, dtype, part, res, g):
+  x, w, scale, x_like = res
+  wp = _weight_part(w, scale, part)
+  ins, out = eq.split("->")
+  a, b = ins.split(",")
+  if dtype is None:
+    dx = jnp.einsum(f"{out},{b}->{a}", g, wp)
+    dwp = jnp.einsum(f"{a},{out}->{b}", x, g)
+  else:
+    g, wp = g.astype(dtype), wp.astype(dtype)
+    dx = jnp.einsum(f"{out},{b}->{a}", g, wp, preferred_element_type=jnp.float32)
+    dwp = jnp.einsum(f"{a},{out}->{b}", x, g, preferred_element_type=jnp.float32)
+  # The gradient of a frozen base weight is never used and XLA drops it; it is formed so that
+  # the rule is a complete VJP (LoRA weights and the attention core use it).
+  if scale is not None:  # an int8 weight: no gradient
+    return dx.astype(x_like.dtype), None, None
+  dw = dwp.astype(w.dtype)
+  if part is not None:
+    dw = jnp.zeros_like(w).at[part].set(dw)
+  return dx.astype(x_like.dtype), dw, None
+
+
+_einsum.defvjp(_einsum_fwd, _einsum_bwd)
+
+
+# ---------------------------------------------------------------------------------------------
+# Stacked layer weights and the embedding table
+
+
+def _to_bits(w):
+  return jax.lax.bitcast_convert_type(w, jnp.uint16) if w.dtype == jnp.bfloat16 else w
+
+
+def from_bits(w):
+  """A weight as stored by `carry` back in its own dtype (a no-op for other arrays)."""
+  return jax.lax.bitcast_convert_type(w, jnp.bfloat16) if w.dtype == jnp.uint16 else w
+
+
+def carry(tree, kernels: str = "auto"):
+  """Weights as a loop carries them: bfloat16 as uint16 bits on "cpu", unchanged on "plain"."""
+  return jax.tree.map(_to_bits, tree) if resolve(kernels) == "cpu" else tree
+
+
+def take_layer(tree, i: jax.Array):
+  """Layer i of stacked weights carried by `carry`, in their own dtypes."""
+  return jax.tree.map(lambda w: from_bits(jax.lax.dynamic_index_in_dim(w, i, keepdims=False)),
+                      tree)
+
+
+def rows(table: jax.Array, start, size: int) -> jax.Array:
+  """Rows start:start+size of a table carried by `carry`."""
+  return from_bits(jax.lax.dynamic_slice_in_dim(table, start, size))
+
+
+def gather(table: jax.Array, idx: jax.Array) -> jax.Array:
+  """Rows idx of a table carried by `carry`."""
+  return from_bits(table[idx])
+
+
+def tie(table: jax.Array, x: jax.Array, kernels: str = "auto"):
+  """(table, x), made inseparable on "cpu": a table tied to the rows it multiplies is no loop
+  invariant of the enclosing scans, so its block slices are not hoisted out as one copy."""
+  if resolve(kernels) == "cpu":
+    return jax.lax.optimization_barrier((table, x))
+  return table, x

@@ -1,0 +1,1 @@
+"""The application behind run.py: context (model, data), loop, metrics, evaluation, commands."""

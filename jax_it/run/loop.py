@@ -1,0 +1,97 @@
+"""The training loop of `run.py train`: steps, validation, checkpoints, resume, Ctrl-C."""
+
+from __future__ import annotations
+
+import signal
+
+import jax
+import numpy as np
+
+from jax_it import data, lora, train
+from jax_it.run import checkpoint, evaluate
+from jax_it.run.metrics import MetricsLog, StepReporter
+from jax_it.run.setup import Context, Interrupted, identity, total_steps
+
+
+class _Interrupt:
+  """Turns Ctrl-C into a flag, so the loop can save and stop between steps."""
+
+  def __init__(self):
+    self.hit = False
+    self.previous = signal.signal(signal.SIGINT, self._handle)
+
+  def _handle(self, *_):
+    self.hit = True
+    signal.signal(signal.SIGINT, self.previous)  # a second Ctrl-C stops at once
+
+  def restore(self):
+    signal.signal(signal.SIGINT, self.previous)
+
+
+def _resume(ctx: Context, ckpt, adapter, opt_state, it, steps: int):
+  """The latest checkpoint's state (the iterator restored in place), or the fresh one."""
+  if ckpt.latest_step() is None:
+    return adapter, opt_state, 0
+  adapter, opt_state, start = ckpt.restore(adapter, opt_state, it, identity(ctx.cfg))
+  if jax.process_index() == 0:
+    done = "; training is complete, evaluating only" if start >= steps else ""
+    print(f"resuming from the step-{start} checkpoint in {ctx.run_dir}{done} (a fresh run needs "
+          "another --run-dir)", flush=True)
+  return adapter, opt_state, start
+
+
+def train_loop(ctx: Context, progress: bool = True) -> dict:
+  """Train to the end (or Ctrl-C), resuming from the run's latest checkpoint. Returns a summary."""
+  cfg, t = ctx.cfg, ctx.cfg.train
+  steps = total_steps(ctx)
+  optimizer, schedule = train.optimizer(t, steps)
+  adapter = lora.init(jax.random.key(cfg.lora.seed), ctx.mcfg, cfg.lora)
+  opt_state = optimizer.init(adapter)
+  it = iter(data.train_dataset(ctx.splits["train"], ctx.tokenizer, cfg.data,
+                               t.batch_size // jax.process_count()))
+  ckpt = checkpoint.Checkpointer(ctx.run_dir, cfg.checkpoint.keep, cfg.checkpoint.async_save)
+  ident = identity(cfg)
+  adapter, opt_state, start = _resume(ctx, ckpt, adapter, opt_state, it, steps)
+  adapter, opt_state = train.replicate(adapter, ctx.mesh), train.replicate(opt_state, ctx.mesh)
+  step_fn = train.make_train_step(ctx.mcfg, optimizer, ctx.mesh, t, remat=cfg.model.remat)
+  log = MetricsLog(ctx.run_dir, start)
+  reporter = StepReporter(log, schedule, start, steps, t.log_every, progress)
+  stop, pending, last_saved = _Interrupt(), None, start
+  key = jax.random.key(t.seed)
+  try:
+    step = start
+    while step < steps and not stop.hit:
+      batch = next(it)
+      real = int((np.asarray(batch["segment_ids"]) > 0).sum())
+      adapter, opt_state, metrics = step_fn(adapter, opt_state, ctx.params,
+                                            train.prepare_batch(batch, ctx.mesh, t.micro_batches),
+                                            jax.random.fold_in(key, step))
+      step += 1
+      if pending is not None:  # read the previous step's metrics: the host never waits on this one
+        reporter.report(*pending)
+      pending = (step, metrics, real)
+      if (t.eval_every and step % t.eval_every == 0) or step == steps:
+        _validate(ctx, log, step, adapter)
+      if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
+        reporter.report(*pending)
+        pending = None
+        ckpt.save(step, adapter, opt_state, it, ident)
+        last_saved = step
+    if pending is not None:
+      reporter.report(*pending)
+    if step > last_saved:
+      ckpt.save(step, adapter, opt_state, it, ident, force=True)
+    if stop.hit:
+      raise Interrupted(f"interrupted at step {step}; saved. Run the same command to resume")
+    return {"steps": step, "adapter": adapter, "log": log.path}
+  finally:
+    ckpt.close()  # waits for an async save in flight, also when the run failed
+    stop.restore()
+    log.close()
+    reporter.close()
+
+
+def _validate(ctx: Context, log: MetricsLog, step: int, adapter):
+  if ctx.splits["validation"]:
+    log.write({"step": step, "val_loss": evaluate.eval_loss(ctx, adapter, ctx.splits["validation"],
+                                                            ctx.cfg.train.eval_batches)})

