@@ -11,6 +11,7 @@ import os
 import time
 
 import common  # benchmarks/ is on sys.path when this file is run as a script
+
 from jax_it import data, packing
 
 

@@ -29,7 +29,7 @@ def quantize_int8(params):
   return quant.quantize_int8(params)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _filler(shape: tuple[int, ...], dtype, slice_elems: int = 1 << 24):
   """A jitted key -> 0.02 * normal array of `shape`, generated one leading-axis slice at a time.
 
@@ -57,6 +57,7 @@ def random_params(key, cfg, dtype):
   """
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
   from jax_it import model  # pylint: disable=g-import-not-at-top
 
   shapes = jax.eval_shape(lambda: model.init_params(jax.random.key(0), cfg, dtype))
@@ -71,6 +72,7 @@ def random_params(key, cfg, dtype):
 def build(cfg, dtype, weights: str = "bfloat16", remat: bool = False):
   """(params, step, adapter, opt_state, mesh) for a random model of cfg."""
   import jax  # pylint: disable=g-import-not-at-top
+
   from jax_it import lora, train  # pylint: disable=g-import-not-at-top
 
   params = random_params(jax.random.key(0), cfg, dtype)
@@ -89,6 +91,7 @@ def time_steps(cfg, dtype, length: int, steps: int, clock: common.CompileClock, 
                weights: str = "bfloat16", remat: bool = False) -> dict:
   """Compile (first call) and then `steps` timed steps on one random batch."""
   import jax  # pylint: disable=g-import-not-at-top
+
   from jax_it import train  # pylint: disable=g-import-not-at-top
 
   t = time.perf_counter()
@@ -165,6 +168,7 @@ def main():
   ap.add_argument("--no-record", action="store_true", help="do not append to RESULTS.md")
   args = ap.parse_args()
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
   from jax_it import families  # pylint: disable=g-import-not-at-top
 
   clock = common.CompileClock()

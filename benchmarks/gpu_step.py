@@ -31,6 +31,7 @@ def build_hf(cfg, device: str, out_dir: str):
   """A random transformers model of cfg's shape in bfloat16 on `device`, saved to out_dir."""
   import torch  # pylint: disable=g-import-not-at-top
   from transformers import AutoModelForCausalLM  # pylint: disable=g-import-not-at-top
+
   from jax_it.ckpt import hf as hf_ckpt  # pylint: disable=g-import-not-at-top
 
   torch.manual_seed(0)
@@ -88,6 +89,7 @@ class OurSide:
 
   def __init__(self, hf_dir: str, adapter_dir: str, batch: dict):
     import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
     from jax_it import lora, train, weights  # pylint: disable=g-import-not-at-top
     params, self.cfg = weights.load(hf_dir, dtype=jnp.bfloat16)
     self.mesh = train.make_mesh()
@@ -122,6 +124,7 @@ class OurSide:
 def setup(args, workdir: str):
   """Both sides on the same weights, adapter and batch; returns (cfg, batch, sides)."""
   import jax  # pylint: disable=g-import-not-at-top
+
   from jax_it import families, lora  # pylint: disable=g-import-not-at-top
 
   cfg = families.PRESETS["gemma2-tiny" if args.smoke else "gemma2-2b"]

@@ -36,6 +36,7 @@ LR, WEIGHT_DECAY = 2e-4, 0.01
 def make_inputs(args, workdir: str, gguf: str) -> dict:
   """Pad and pack batches of the same records, pickled for the workers; the initial adapter."""
   import jax  # pylint: disable=g-import-not-at-top
+
   from jax_it import lora, weights  # pylint: disable=g-import-not-at-top
 
   batches = common.alpaca_batches(args.data, weights.load_tokenizer(gguf), ROWS, MAX_LEN,
@@ -63,6 +64,7 @@ class Ours:
 
   def __init__(self, spec: dict):
     import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
     from jax_it import train, weights  # pylint: disable=g-import-not-at-top
 
     self.clock = common.CompileClock()
@@ -90,6 +92,7 @@ class Ours:
 
   def run(self, mode: str, sync_each: bool = False) -> dict:
     import jax  # pylint: disable=g-import-not-at-top
+
     from jax_it import train  # pylint: disable=g-import-not-at-top
     adapter, opt_state = self.state[mode]
     metrics, step_s = [], []

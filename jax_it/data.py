@@ -28,6 +28,7 @@ import grain
 import numpy as np
 
 from jax_it import packing, schema, synth
+
 # re-exported: callers catch data.DataError and read data.DataStats from here
 from jax_it.sources import DEFAULT_FIELDS, RECORD_FIELDS, DataError, DataStats, read_records
 
@@ -116,7 +117,7 @@ def split_records(records: Sequence[dict], cfg: DataConfig) -> dict[str, list[di
 
 
 def load_splits(cfg: DataConfig, stats: DataStats | None = None) -> dict[str, list[dict]]:
-  """train / test / validation records; the synthetic set holds out phrasings for its eval splits."""
+  """train / test / validation records; the synthetic set holds out phrasings for eval splits."""
   if cfg.path == SYNTH:
     held_out = synth.generate(2 * cfg.synth_eval, cfg.synth_seed, "eval")
     return {"train": synth.generate(cfg.synth_train, cfg.synth_seed, "train"),

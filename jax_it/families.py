@@ -1,12 +1,62 @@
-"""Facts of the Gemma models in one place: the projections every layer has, and (below) each family.
+"""Facts of the Gemma models in one place: ModelConfig, the projections of a layer, each family.
 
 Readers, writers, LoRA, quantization and export all read these tables; adding a projection or a
-family is a new row here, not an edit in six modules.
+family is a new row here, not an edit in six modules. This module imports nothing of jax_it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
+
+Params = dict[str, Any]  # the model's parameter tree (see model.py for its layout)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Static description of a Gemma text model; hashable, passed to jit as a static argument."""
+
+  family: str
+  num_layers: int
+  vocab_size: int  # rows of the embedding table (may include padding rows)
+  embed_dim: int
+  hidden_dim: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  query_pre_attn_scalar: float
+  attn_logits_soft_cap: float | None = None
+  final_logit_soft_cap: float | None = None
+  sliding_window: int | None = None
+  # one entry per layer: True where the layer uses sliding-window (local) attention
+  local_layers: tuple[bool, ...] = ()
+  rope_base_local: float = 10_000.0
+  rope_base_global: float = 10_000.0
+  rope_scale_global: float = 1.0  # global-layer positions are divided by this (Gemma 3 4B+: 8)
+  use_post_norms: bool = True
+  use_qk_norm: bool = False
+  norm_eps: float = 1e-6
+  # layout of the checkpoint this config came from, kept so saving reproduces it
+  transposed_gating: bool = False
+  # compute, not architecture: when set (e.g. "bfloat16"), every matmul rounds its inputs to this
+  # dtype and accumulates in float32 (see ops.einsum); None keeps the inputs' own dtype
+  matmul_dtype: str | None = None
+  # which implementation of the matmuls and weight indexing runs: "auto" | "plain" | "cpu"
+  # (see ops.py); every choice computes the same function
+  kernels: str = "auto"
+
+  def __post_init__(self):
+    if self.family not in FAMILIES:
+      raise ValueError(f"unknown Gemma family {self.family!r}; expected one of "
+                       f"{sorted(FAMILIES)}")
+    if not self.local_layers:
+      object.__setattr__(self, "local_layers", (False,) * self.num_layers)
+    if len(self.local_layers) != self.num_layers:
+      raise ValueError(f"local_layers has {len(self.local_layers)} entries for "
+                       f"{self.num_layers} layers")
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(f"{self.num_heads} query heads do not divide into "
+                       f"{self.num_kv_heads} kv heads")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,7 +212,6 @@ class Family:
   def config(self, num_layers, embed_dim, hidden_dim, num_heads, num_kv_heads, head_dim,
              **fields):
     """A ModelConfig of this family with its defaults; `fields` set any ModelConfig field."""
-    from jax_it.model import ModelConfig  # model.py imports this module at its top
     base = dict(
         family=self.name, num_layers=num_layers, vocab_size=self.vocab_size, embed_dim=embed_dim,
         hidden_dim=hidden_dim, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
@@ -230,26 +279,13 @@ def gemma3_config(num_layers, embed_dim, hidden_dim, num_heads, num_kv_heads, he
                     rope_scale_global=rope_scale_global)
 
 
-def _presets() -> dict:
-  return {
-      "gemma2-2b": gemma2_config(26, 2304, 9216, 8, 4, 256, 256),
-      "gemma2-9b": gemma2_config(42, 3584, 14336, 16, 8, 256, 256),
-      "gemma2-27b": gemma2_config(46, 4608, 36864, 32, 16, 128, 144),
-      "gemma3-270m": gemma3_config(18, 640, 2048, 4, 1, sliding_window=512),
-      "gemma3-1b": gemma3_config(26, 1152, 6912, 4, 1, sliding_window=512),
-      # for smoke runs and tests: Gemma 2 features at toy width, sized for the Gemma 3 tokenizer
-      "gemma2-tiny": gemma2_config(2, 64, 128, 4, 2, 16, 16, vocab_size=262_144,
-                                   sliding_window=32),
-  }
-
-
-PRESETS: dict  # name -> ModelConfig, built on first use (module __getattr__ below)
-
-
-def __getattr__(name: str):
-  # model.py imports this module before ModelConfig exists, so the presets cannot be built
-  # while this module loads
-  if name == "PRESETS":
-    globals()["PRESETS"] = _presets()
-    return globals()["PRESETS"]
-  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+PRESETS: dict[str, ModelConfig] = {
+    "gemma2-2b": gemma2_config(26, 2304, 9216, 8, 4, 256, 256),
+    "gemma2-9b": gemma2_config(42, 3584, 14336, 16, 8, 256, 256),
+    "gemma2-27b": gemma2_config(46, 4608, 36864, 32, 16, 128, 144),
+    "gemma3-270m": gemma3_config(18, 640, 2048, 4, 1, sliding_window=512),
+    "gemma3-1b": gemma3_config(26, 1152, 6912, 4, 1, sliding_window=512),
+    # for smoke runs and tests: Gemma 2 features at toy width, sized for the Gemma 3 tokenizer
+    "gemma2-tiny": gemma2_config(2, 64, 128, 4, 2, 16, 16, vocab_size=262_144,
+                                 sliding_window=32),
+}

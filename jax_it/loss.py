@@ -23,11 +23,11 @@ def _nll_and_dh(params, h, targets, weights, cfg, vocab_block):
   With z = h T^T (times the per-row scales of an int8 table) and logits = softcap(z), the
   gradient is dh = sum_v w (p_v - [v = t]) J_v T_v, where J_v = d logit_v / d (h . T_v) holds
   the row's int8 scale and the soft-cap derivative. The vocabulary is walked in blocks of
-  `vocab_block` rows (None: all of it at once) with a running max m and sum s (rescaled when m grows), accumulating
-  A = sum_{v != t} exp(logit_v - m) J_v T_v, so no [rows, V] array exists and both matmuls
-  run on cache-sized blocks. The target's term (exp(logit_t - m) - s) J_t T_t is added in
-  float32 at the end: a confident target's small p_t - 1 keeps its relative precision when the
-  blocks' matmuls run in bfloat16. dh = (A + that term) w / s.
+  `vocab_block` rows (None: all of it at once) with a running max m and sum s (rescaled when m
+  grows), accumulating A = sum_{v != t} exp(logit_v - m) J_v T_v, so no [rows, V] array exists
+  and both matmuls run on cache-sized blocks. The target's term (exp(logit_t - m) - s) J_t T_t
+  is added in float32 at the end: a confident target's small p_t - 1 keeps its relative
+  precision when the blocks' matmuls run in bfloat16. dh = (A + that term) w / s.
 
   The table comes as ops.carry gives it (on XLA:CPU, bfloat16 as uint16 bits).
   """

@@ -14,71 +14,17 @@ families.py.
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 
 from jax_it import lora as lora_lib
 from jax_it import ops
-from jax_it.families import FAMILIES, PROJECTIONS
-
-Params = dict[str, Any]
+from jax_it.families import PROJECTIONS, ModelConfig, Params  # noqa: F401  (model.ModelConfig)
 
 # A large finite negative instead of -inf, so a fully masked row (padding) gives no NaN.
 _MASK_VALUE = -2.3819763e38
 
 
-@dataclasses.dataclass(frozen=True)
-class ModelConfig:
-  """Static description of a Gemma text model; hashable, passed to jit as a static argument."""
-
-  family: str
-  num_layers: int
-  vocab_size: int  # rows of the embedding table (may include padding rows)
-  embed_dim: int
-  hidden_dim: int
-  num_heads: int
-  num_kv_heads: int
-  head_dim: int
-  query_pre_attn_scalar: float
-  attn_logits_soft_cap: float | None = None
-  final_logit_soft_cap: float | None = None
-  sliding_window: int | None = None
-  # one entry per layer: True where the layer uses sliding-window (local) attention
-  local_layers: tuple[bool, ...] = ()
-  rope_base_local: float = 10_000.0
-  rope_base_global: float = 10_000.0
-  rope_scale_global: float = 1.0  # global-layer positions are divided by this (Gemma 3 4B+: 8)
-  use_post_norms: bool = True
-  use_qk_norm: bool = False
-  norm_eps: float = 1e-6
-  # layout of the checkpoint this config came from, kept so saving reproduces it
-  transposed_gating: bool = False
-  # compute, not architecture: when set (e.g. "bfloat16"), every matmul rounds its inputs to this
-  # dtype and accumulates in float32 (see `einsum`); None keeps the inputs' own dtype
-  matmul_dtype: str | None = None
-  # which implementation of the matmuls and weight indexing runs: "auto" | "plain" | "cpu"
-  # (see ops.py); every choice computes the same function
-  kernels: str = "auto"
-
-  def __post_init__(self):
-    if self.family not in FAMILIES:
-      raise ValueError(f"unknown Gemma family {self.family!r}; expected one of "
-                       f"{sorted(FAMILIES)}")
-    if not self.local_layers:
-      object.__setattr__(self, "local_layers", (False,) * self.num_layers)
-    if len(self.local_layers) != self.num_layers:
-      raise ValueError(f"local_layers has {len(self.local_layers)} entries for {self.num_layers} layers")
-    if self.num_heads % self.num_kv_heads:
-      raise ValueError(f"{self.num_heads} query heads do not divide into {self.num_kv_heads} kv heads")
-
-  @property
-  def num_params(self) -> int:
-    """Parameter count of the model as this config describes it."""
-    shapes = jax.eval_shape(lambda: init_params(jax.random.key(0), self))
-    return sum(int(x.size) for x in jax.tree.leaves(shapes))
 
 
 # ---------------------------------------------------------------------------------------------

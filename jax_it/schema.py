@@ -14,7 +14,8 @@ import math
 import re
 import types
 import typing
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 
 class ConfigError(ValueError):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
-from typing import Callable
+from collections.abc import Callable
 
 SPLITS = ("train", "eval")
 

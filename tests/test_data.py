@@ -379,7 +379,7 @@ def test_resume_in_new_process_sees_the_same_batches(tmp_path, tok):
   runs = {}
   expected = {}
   for mode in ("pack", "pad"):
-    make = lambda: data.make_train_iterator(  # noqa: E731
+    make = lambda mode=mode: data.make_train_iterator(
         data.DataConfig(**cfg, batch_mode=mode), tok, batch, **ONE_PROCESS)
     # 30 records make ~4-8 batches an epoch, so the k + more batches cross an epoch boundary
     expected[mode] = [next(it) for it in [make()] for _ in range(k + more)][k:]

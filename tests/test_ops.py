@@ -85,8 +85,8 @@ def test_cpu_path_carries_bfloat16_as_bits_and_plain_does_not():
     ("BKGTS,BSKH->BTKGH", (2, 1, 3, 5, 5), (2, 5, 1, 4), None, False),
 ])
 def test_einsum_backward_matches_autodiff(eq, x_shape, w_shape, part, int8, kernels):
-  """ops.einsum (the hand-written VJP on "cpu", autodiff on "plain"): equal to JAX's autodiff of jnp.einsum (float32), and
-  within bfloat16 rounding of it with dtype="bfloat16"."""
+  """ops.einsum (the hand-written VJP on "cpu", autodiff on "plain"): equal to JAX's autodiff of
+  jnp.einsum (float32), and within bfloat16 rounding of it with dtype="bfloat16"."""
   kx, kw, kg = jax.random.split(jax.random.key(0), 3)
   x = jax.random.normal(kx, x_shape)
   w = jax.random.normal(kw, w_shape)
@@ -107,10 +107,10 @@ def test_einsum_backward_matches_autodiff(eq, x_shape, w_shape, part, int8, kern
   dx_ref, dd_ref = vjp_ref(g)
   for dtype, tol in ((None, 1e-6), ("bfloat16", 2e-2)):
     if int8:
-      y, vjp = jax.vjp(lambda x: ours(x, w, dtype), x)
+      y, vjp = jax.vjp(lambda x, dtype=dtype: ours(x, w, dtype), x)
       (dx,) = vjp(g)
     else:
-      y, vjp = jax.vjp(lambda x, w: ours(x, w, dtype), x, w)
+      y, vjp = jax.vjp(lambda x, w, dtype=dtype: ours(x, w, dtype), x, w)
       dx, dw = vjp(g)
       dw = dw if part is None else dw[part]
       assert _ratio(dw, dd_ref) <= tol, (dtype, "dw")

@@ -1,4 +1,4 @@
-"""int8 weight-only base: half the bytes of bfloat16, nearly the same loss on the real Gemma 3 270M."""
+"""int8 weight-only base: half the bytes of bfloat16, nearly the same loss on the real 270M."""
 
 import dataclasses
 

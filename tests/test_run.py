@@ -1,4 +1,4 @@
-"""run.py end to end on the tiny config: train, resume after SIGKILL, generate, export, compare, errors."""
+"""run.py end to end, tiny config: train, SIGKILL resume, generate, export, compare, errors."""
 
 import json
 import os
@@ -94,6 +94,7 @@ def _safe_losses(run_dir):
 def test_generate_export_and_compare(trained, tmp_path):
   import torch
   from transformers import AutoModelForCausalLM
+
   from jax_it import config, model
   from jax_it.run import setup
 

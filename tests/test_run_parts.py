@@ -65,7 +65,8 @@ def test_reporter_logs_every_nth_step_and_the_last(tmp_path):
   for step in range(1, 6):
     reporter.report(step, _fake_metrics(), 1)
   log.close()
-  steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+  steps = [json.loads(line)["step"] for line in lines]
   assert steps == [2, 4, 5]
 
 
@@ -122,7 +123,8 @@ def test_evaluation_files_and_report(tmp_path):
   result = {"records": 4, "generated": 1, "rows": rows, "loss_base": 2.5, "loss_tuned": 0.5,
             "eos_share_base": 0.0, "eos_share_tuned": 1.0, "accuracy_base": 0.0,
             "accuracy_tuned": 1.0}
-  (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 1, "val_loss": 1.0}\n')
+  (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n'
+                                          '{"step": 1, "val_loss": 1.0}\n')
   text = evaluate.write(result, str(tmp_path), show=1)
   assert "| exact-match accuracy | 0.0% | 100.0% |" in text
   assert "| response-token loss | 2.5000 | 0.5000 |" in text and "expected: '5'" in text

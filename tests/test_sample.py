@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jax_it import lora as lora_lib
 from jax_it import families, model, sample
+from jax_it import lora as lora_lib
 
 V = 97
 BOS, EOS, PAD = 2, 1, 0

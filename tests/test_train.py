@@ -10,8 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-from jax_it import reference as ref
 from jax_it import lora, train
+from jax_it import reference as ref
 
 HERE = os.path.dirname(__file__)
 

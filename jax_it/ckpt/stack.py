@@ -7,8 +7,8 @@ layer's weight in the einsum layout of families.PROJECTIONS (q: [N, D, H], o: [N
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import jax
 import numpy as np

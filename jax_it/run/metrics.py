@@ -1,4 +1,4 @@
-"""Per-step metrics: the training rate, the divergence check, metrics.jsonl, TensorBoard, progress."""
+"""Per-step metrics: rate, divergence check, metrics.jsonl, TensorBoard, the progress bar."""
 
 from __future__ import annotations
 

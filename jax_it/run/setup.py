@@ -35,7 +35,7 @@ def checkpoint_path(section: config.ModelSection) -> str:
 
 
 def load_model(section: config.ModelSection):
-  """(params, model config, tokenizer) for model.path: the packaged Gemma, random:<preset>, a path."""
+  """(params, model config, tokenizer) of model.path: the packaged model, random:<name>, a path."""
   dtype = jnp.bfloat16 if section.dtype == "bfloat16" else jnp.float32
   if section.path.startswith("random:"):
     name = section.path.split(":", 1)[1]
