@@ -101,14 +101,20 @@ class LayerAdapter:
 def lora_eqs(eq: str) -> tuple[str, str]:
   """The two einsums of the LoRA path of a base einsum: x A and (x A) B.
 
-  "BTD,NDH->BTNH" (q) gives ("BTD,Dr->BTr", "BTr,rNH->BTNH"): A contracts what the base weight
-  contracts, B produces the weight's other axes, r is the rank.
+  A contracts what the base weight contracts, B produces the weight's other axes, r is the
+  rank: "BTNH,NHD->BTD" (o) gives "BTNH,NHr->BTr" and "BTr,rD->BTD", written with the axes
+  renamed a, b, c, ... in order of appearance ("abcd,cdr->abr", "abr,re->abe"): jnp.einsum
+  contracts several axes in the sorted order of their names, so this contracts N before H, as
+  they lie in memory; another order rounds differently in bfloat16 runs.
   """
   ins, out = eq.split("->")
   x, w = ins.split(",")
   contracted = "".join(a for a in w if a in x)
   produced = "".join(a for a in w if a not in x)
   lead = "".join(a for a in x if a not in contracted)
+  names = dict(zip(x + produced, "abcdefghijklmnopq"))  # "r" stays the rank's
+  x, contracted, produced, lead, out = ("".join(names[a] for a in s)
+                                        for s in (x, contracted, produced, lead, out))
   return f"{x},{contracted}r->{lead}r", f"{lead}r,r{produced}->{out}"
 
 
