@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.numpy import load_file
 
-from jax_it import lora, model, train
+from jax_it import families, lora, model, train
 from jax_it import reference as ref
 
 
@@ -93,6 +93,26 @@ def test_zero_b_is_the_base_model_and_merge_equals_adapter(tiny):
   with_adapter = model.forward(params, tokens, cfg, lora=adapter)
   assert ref.rel_err(merged, with_adapter) <= 1e-5
   assert ref.rel_err(with_adapter, base) > 1e-3  # the adapter really changes the output
+
+
+@pytest.mark.parametrize("target", lora.ALL_LINEAR)
+def test_delta_from_the_projection_einsum_equals_x_times_merged_weight_delta(target):
+  """lora_eqs derives x A and (x A) B from the base einsum; their product equals x applied to
+  lora.delta (the W-shaped scale * A B that merge adds), through the base einsum itself."""
+  cfg = model.ModelConfig("gemma2", 1, 32, embed_dim=8, hidden_dim=12, num_heads=4,
+                          num_kv_heads=2, head_dim=3, query_pre_attn_scalar=3)
+  adapter = lora.init(jax.random.key(0), cfg, lora.LoraConfig(r=2, alpha=6.0, targets=(target,)))
+  adapter = adapter.replace(weights=jax.tree.map(
+      lambda x: jax.random.normal(jax.random.key(1), x.shape), adapter.weights))
+  proj = families.PROJECTIONS[target]
+  size = families.axis_sizes(cfg)
+  x_axes = proj.eq.split(",")[0]
+  x = jax.random.normal(jax.random.key(2), [{"B": 2, "T": 5, "S": 5}.get(a) or size[a]
+                                            for a in x_axes])
+  layer = lora.LayerAdapter(jax.tree.map(lambda w: w[0], adapter.weights), adapter.cfg.scale)
+  ours = lora.add_delta(jnp.zeros(()), x, proj, layer, None)
+  expected = jnp.einsum(proj.eq, x, lora.delta(adapter, target)[0])
+  np.testing.assert_allclose(np.asarray(ours), np.asarray(expected), rtol=1e-5, atol=1e-5)
 
 
 def test_bad_adapter_config(tmp_path, tiny):
