@@ -16,6 +16,11 @@ COMMANDS = ("train", "eval", "generate", "export", "compare")
 
 
 def parse(argv):
+  if argv and argv[0] not in COMMANDS and not argv[0].startswith("-") and "=" not in argv[0]:
+    # neither a command nor an option nor an override: a mistyped command, said as one
+    print(f"error: unknown command {argv[0]!r}; expected one of {', '.join(COMMANDS)} (or "
+          "options and section.key=value overrides for train)", file=sys.stderr)
+    sys.exit(2)
   if not argv or argv[0] not in COMMANDS:
     argv = ["train", *argv]  # `python run.py` alone trains the default config
   p = argparse.ArgumentParser(prog="run.py", description=__doc__,

@@ -120,6 +120,8 @@ def load_splits(cfg: DataConfig, stats: DataStats | None = None) -> dict[str, li
   """train / test / validation records; the synthetic set holds out phrasings for eval splits."""
   if cfg.path == SYNTH:
     held_out = synth.generate(2 * cfg.synth_eval, cfg.synth_seed, "eval")
+    if stats is not None:
+      stats.loaded += cfg.synth_train + len(held_out)
     return {"train": synth.generate(cfg.synth_train, cfg.synth_seed, "train"),
             "test": held_out[cfg.synth_eval:], "validation": held_out[:cfg.synth_eval]}
   return split_records(load_records(cfg, stats), cfg)
@@ -240,8 +242,12 @@ class _Tokenize:
     fitted = fit_to_length(ex, self.cfg.max_len, self.cfg.truncate)
     if fitted is None:
       self.stats.dropped.add(rid)
-    elif fitted is not ex:
+      return None
+    if fitted is not ex:
       self.stats.truncated.add(rid)
+    if not fitted["loss_mask"].any():  # e.g. a prompt longer than max_len: nothing to learn
+      self.stats.no_loss.add(rid)
+      return None
     return fitted
 
 
@@ -283,10 +289,15 @@ def train_dataset(records: Sequence[dict], tokenizer, cfg: DataConfig, batch_siz
   ds = ds[pi::pc].map(_Tokenize(tokenizer, cfg, stats, template))
   read = grain.ReadOptions(num_threads=cfg.workers, prefetch_buffer_size=max(16, 4 * cfg.workers))
   it = ds.to_iter_dataset(read)  # drops the Nones of dropped examples
+  return _batched(it, tokenizer, cfg, batch_size, shuffle)
+
+
+def _batched(examples: grain.IterDataset, tokenizer, cfg: DataConfig, batch_size: int,
+             shuffle: bool) -> grain.IterDataset:
   if cfg.batch_mode == "pad":
-    return packing.pad_and_batch(it, batch_size=batch_size, max_len=cfg.max_len,
+    return packing.pad_and_batch(examples, batch_size=batch_size, max_len=cfg.max_len,
                                  pad_id=_pad_id(tokenizer))
-  return packing.pack_and_batch(it, batch_size=batch_size, max_len=cfg.max_len,
+  return packing.pack_and_batch(examples, batch_size=batch_size, max_len=cfg.max_len,
                                 pad_id=_pad_id(tokenizer), num_bins=max(cfg.pack_bins, batch_size),
                                 seed=cfg.seed, shuffle_bins=shuffle)
 
@@ -302,6 +313,28 @@ def make_train_iterator(cfg: DataConfig, tokenizer, batch_size: int, *,
   return iter(train_dataset(records, tokenizer, cfg, batch_size, num_epochs=num_epochs,
                             shuffle=shuffle, stats=stats, process_index=process_index,
                             process_count=process_count))
+
+
+def summarize(records: Sequence[dict], tokenizer, cfg: DataConfig, batch_size: int,
+              stats: DataStats | None = None) -> dict:
+  """What training sees of `records`, measured on one unshuffled epoch as one process: examples
+  kept and dropped (stats gets the ids), tokens, loss tokens, rows, and the share of row
+  positions that hold a real token (the packer or padder the run uses, on rows that hold any)."""
+  stats = DataStats() if stats is None else stats
+  tok = _Tokenize(tokenizer, cfg, stats, get_template(cfg.template, cfg.template_no_input))
+  examples = [ex for ex in map(tok, _texts(records, cfg)) if ex is not None]
+  batches = _batched(grain.MapDataset.source(examples).to_iter_dataset(), tokenizer, cfg,
+                     batch_size, shuffle=False) if examples else []
+  rows = real = positions = 0
+  for b in batches:
+    used = (b["segment_ids"] > 0).any(axis=1)  # the epoch's last batch is topped up with padding
+    rows += int(used.sum())
+    real += int((b["segment_ids"][used] > 0).sum())
+    positions += int(b["segment_ids"][used].size)
+  return {"records": len(records), "examples": len(examples),
+          "tokens": sum(len(ex["tokens"]) for ex in examples),
+          "loss_tokens": int(sum(ex["loss_mask"].sum() for ex in examples)),
+          "rows": rows, "row_fill": real / max(positions, 1)}
 
 
 def eval_batches(records: Sequence[dict], tokenizer, cfg: DataConfig, batch_size: int, *,

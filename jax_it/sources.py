@@ -28,10 +28,13 @@ class DataStats:
   # as too long; sets, so reading an example again (next epoch, resumed run) counts it once
   truncated: set[int] = dataclasses.field(default_factory=set)
   dropped: set[int] = dataclasses.field(default_factory=set)
+  # examples left with no loss token once cut to max_len: dropped, never trained as empty targets
+  no_loss: set[int] = dataclasses.field(default_factory=set)
 
   def summary(self) -> str:
     return (f"{self.loaded} records loaded, {len(self.skipped)} bad records skipped, "
-            f"{len(self.truncated)} truncated, {len(self.dropped)} dropped as too long")
+            f"{len(self.truncated)} truncated, {len(self.dropped)} dropped as too long, "
+            f"{len(self.no_loss)} dropped with no loss token left")
 
 
 def read_records(path: str | Sequence[str], fields: dict[str, str] | None = None,

@@ -176,20 +176,40 @@ def test_packed_batch_by_hand(tmp_path, tok):
 @pytest.mark.parametrize("mode", ["truncate", "drop"])
 def test_long_records_truncated_or_dropped_and_counted(tmp_path, tok, mode):
   recs = [{"instruction": "hello", "output": "world"},
-          {"instruction": "foo bar baz qux foo bar", "output": "baz qux"}]  # 9 positions
+          # the prompt alone fills max_len: cut, nothing of the response is left to learn
+          {"instruction": "foo bar baz qux foo bar", "output": "baz qux"},
+          # cut inside the response: 4 of its 6 targets (5 words and EOS) are left
+          {"instruction": "foo", "output": "bar baz qux foo bar"}]
   cfg = data.DataConfig(path=write_json(tmp_path / "r.json", recs), template="ask {instruction}",
                         max_len=6, truncate=mode, batch_mode="pad", splits=(1, 0, 0))
   stats = data.DataStats()
-  batches = list(data.make_train_iterator(cfg, tok, 2, num_epochs=1, shuffle=False,
+  batches = list(data.make_train_iterator(cfg, tok, 3, num_epochs=1, shuffle=False,
                                           stats=stats, **ONE_PROCESS))
-  assert len(batches) == 1 and batches[0]["tokens"].shape == (2, 6)  # 64 capped at max_len
+  assert len(batches) == 1 and batches[0]["tokens"].shape == (3, 6)  # 64 capped at max_len
+  rows = batches[0]["segment_ids"].any(axis=1)
   if mode == "truncate":
-    assert (stats.truncated, stats.dropped) == ({1}, set())
+    assert (stats.truncated, stats.dropped, stats.no_loss) == ({1, 2}, set(), {1})
+    assert rows.tolist() == [True, True, False]  # record 1 never trains as an empty target
     np.testing.assert_array_equal(batches[0]["tokens"][1], [BOS, 4, 7, 8, 9, 10])
+    assert batches[0]["loss_mask"][1].sum() == 4
   else:
-    assert (stats.truncated, stats.dropped) == (set(), {1})
-    assert not batches[0]["segment_ids"][1].any()  # only record 0 is left
-  assert "1 " in stats.summary()
+    assert (stats.truncated, stats.dropped, stats.no_loss) == (set(), {1, 2}, set())
+    assert rows.tolist() == [True, False, False]  # only record 0 is left
+  assert "dropped with no loss token left" in stats.summary()
+
+
+def test_summary_of_an_epoch(tmp_path, tok):
+  recs = word_records(30) + [{"instruction": "foo " * 40, "output": "bar"}]
+  cfg = data.DataConfig(path="unused", template="ask {instruction}", max_len=16,
+                        batch_mode="pack")
+  stats = data.DataStats()
+  s = data.summarize(recs, tok, cfg, 4, stats)
+  assert (s["records"], s["examples"], stats.no_loss) == (31, 30, {30})
+  lengths = [len(data.tokenize_example(*data.format_prompt(r, "ask {instruction}"), tok)["tokens"])
+             for r in recs[:30]]
+  assert s["tokens"] == sum(min(n, 16) for n in lengths)
+  assert s["rows"] * 16 >= s["tokens"] and 0.5 < s["row_fill"] <= 1.0
+  assert s["row_fill"] == pytest.approx(s["tokens"] / (s["rows"] * 16))
 
 
 # ---------------------------------------------------------------------------------------------

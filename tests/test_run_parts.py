@@ -87,7 +87,8 @@ def test_identity_refuses_changed_options_and_ignores_added_ones():
 
 def test_context_reads_the_data_only_when_asked(monkeypatch):
   calls = []
-  monkeypatch.setattr(data, "load_splits", lambda cfg: calls.append(cfg) or {"train": [1]})
+  monkeypatch.setattr(data, "load_splits",
+                      lambda cfg, stats=None: calls.append(cfg) or {"train": [1]})
   ctx = setup.Context(config.load_config(None, []), "run", {}, None, None, None)
   assert calls == []
   assert ctx.splits == {"train": [1]} and ctx.splits == {"train": [1]}

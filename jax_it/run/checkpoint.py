@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
+import sys
+import time
 
 import grain
 import jax
@@ -37,28 +40,65 @@ class Checkpointer:
       args["data"] = grain.checkpoint.CheckpointSave(data_iter)
     return self.manager.save(step, args=ocp.args.Composite(**args), force=force)
 
-  def restore(self, lora, opt_state, data_iter, identity: dict, step: int | None = None):
-    """Restore into the structures of lora/opt_state (and the iterator, in place)."""
-    step = self.latest_step() if step is None else step
-    meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-    check_identity(meta, identity, self.directory)
-    args = {"lora": ocp.args.StandardRestore(_abstract(lora)),
-            "opt_state": ocp.args.StandardRestore(_abstract(opt_state))}
-    if data_iter is not None:
-      args["data"] = grain.checkpoint.CheckpointRestore(data_iter)
-    out = self.manager.restore(step, args=ocp.args.Composite(**args))
-    return out["lora"], out["opt_state"], step
+  def restore(self, lora, opt_state, data_iter, identity: dict):
+    """The latest checkpoint that reads, into the structures of lora/opt_state (and the
+    iterator, in place): (lora, opt_state, step). See `_first_readable`."""
+    def read(step):
+      args = {"lora": ocp.args.StandardRestore(_abstract(lora)),
+              "opt_state": ocp.args.StandardRestore(_abstract(opt_state))}
+      if data_iter is not None:
+        args["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+      out = self.manager.restore(step, args=ocp.args.Composite(**args))
+      return out["lora"], out["opt_state"]
 
-  def restore_lora(self, lora, identity: dict, step: int | None = None):
-    """Only the adapter of a checkpoint (for eval, generate, export)."""
-    step = self.latest_step() if step is None else step
-    if step is None:
-      raise CheckpointMismatch(f"{self.directory}: no complete checkpoint to load")
-    meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-    check_identity(meta, identity, self.directory)
-    out = self.manager.restore(step, args=ocp.args.Composite(
-        lora=ocp.args.StandardRestore(_abstract(lora))))
-    return out["lora"], step
+    (lora, opt_state), step = self._first_readable(read, identity)
+    return lora, opt_state, step
+
+  def restore_lora(self, lora, identity: dict):
+    """Only the adapter of the latest checkpoint that reads (for eval, generate, export)."""
+    def read(step):
+      return self.manager.restore(step, args=ocp.args.Composite(
+          lora=ocp.args.StandardRestore(_abstract(lora))))["lora"]
+
+    return self._first_readable(read, identity)
+
+  def _first_readable(self, read, identity: dict):
+    """(read(step), step) for the newest step that reads.
+
+    A step that fails to read (a truncated or damaged file) is named, moved aside into
+    `<run_dir>/corrupt_checkpoints/` (kept, not deleted) and the step before it is tried; only
+    when no step reads is it an error. A checkpoint of another run is an error at once.
+    """
+    moved = 0
+    while True:
+      step = self.latest_step()
+      if step is None:
+        why = (f"none of its {moved} checkpoint(s) could be read (moved to corrupt_checkpoints/)"
+               if moved else "no complete checkpoint to load")
+        raise CheckpointMismatch(f"{self.directory}: {why}")
+      try:
+        meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        check_identity(meta["meta"], identity, self.directory)
+        return read(step), step
+      except CheckpointMismatch:
+        raise
+      except Exception as e:  # pylint: disable=broad-except  # orbax/tensorstore raise many types
+        self._move_aside(step, e)
+        moved += 1
+
+  def _move_aside(self, step: int, error: Exception):
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    aside = os.path.join(os.path.dirname(self.directory), "corrupt_checkpoints",
+                         f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if jax.process_index() == 0:
+      os.makedirs(os.path.dirname(aside), exist_ok=True)
+      shutil.move(os.path.join(self.directory, str(step)), aside)
+      print(f"checkpoint step {step} in {self.directory} is unreadable ({first[:200]}); moved "
+            f"to {aside}; trying the one before it", file=sys.stderr, flush=True)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices(f"moved aside checkpoint {step}")
+    self.manager.reload()
 
   def close(self):
     self.manager.wait_until_finished()

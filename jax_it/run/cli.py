@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import shutil
 import sys
 
 from jax_it import config, data, weights
 from jax_it.run import checkpoint, setup
+from jax_it.run.lock import RunLock
 
 
 class UsageError(ValueError):
@@ -105,20 +108,48 @@ def cmd_train(args) -> int:
   path = args.config or os.path.relpath(default_config())
   cfg = config.load_config(path, args.overrides)
   run_dir = run_dir_of(args, path)
+  created = not os.path.exists(run_dir)
   prepare_run_dir(run_dir)
-  print(f"run directory: {run_dir}", flush=True)
-  ctx = setup.make_context(cfg, run_dir)
-  saved = os.path.join(run_dir, "config.yaml")
-  if not os.path.exists(saved) and jax.process_index() == 0:
-    config.save_config(cfg, saved)
-  print(f"model: {cfg.model.path} ({ctx.mcfg.family}, {ctx.mcfg.num_layers} layers), train "
-        f"records: {len(ctx.splits['train'])}, held out: {len(ctx.splits['test'])}", flush=True)
-  summary = loop.train_loop(ctx, progress=not args.no_progress)
-  if cfg.report.eval_samples and ctx.splits["test"]:
-    result = evaluate.compare(ctx, summary["adapter"], ctx.splits["test"], cfg.report.eval_samples)
-    if jax.process_index() == 0:  # every process computes, one writes
-      print(evaluate.write(result, run_dir, cfg.report.show))
+  lead = jax.process_index() == 0  # one writer per run directory
+  lock = RunLock(run_dir, enabled=lead)
+  try:
+    print(f"run directory: {run_dir}", flush=True)
+    try:
+      ctx, steps = _start(cfg, run_dir, lead)
+    except BaseException:
+      if created and lead:  # a failed start leaves no empty run directory behind
+        lock.release()
+        shutil.rmtree(run_dir, ignore_errors=True)
+      raise
+    summary = loop.train_loop(ctx, steps, progress=not args.no_progress)
+    if cfg.report.eval_samples and ctx.splits["test"]:
+      result = evaluate.compare(ctx, summary["adapter"], ctx.splits["test"],
+                                cfg.report.eval_samples)
+      if lead:  # every process computes, one writes
+        print(evaluate.write(result, run_dir, cfg.report.show))
+  finally:
+    lock.release()
   return 0
+
+
+def _start(cfg: config.RunConfig, run_dir: str, lead: bool):
+  """Model, data summary (printed and saved as data_summary.json), config.yaml, total steps."""
+  ctx = setup.make_context(cfg, run_dir)
+  summary = setup.data_summary(ctx)
+  print(f"model: {cfg.model.path} ({ctx.mcfg.family}, {ctx.mcfg.num_layers} layers); held out: "
+        f"{len(ctx.splits['test'])} test, {len(ctx.splits['validation'])} validation records",
+        flush=True)
+  print(setup.format_data_summary(summary), flush=True)
+  if summary["train_examples"] == 0:
+    raise setup.RunError(f"data: no train example left to train on ({summary['train_records']} "
+                         "records in the train split; counts above)")
+  if lead:
+    with open(os.path.join(run_dir, "data_summary.json"), "w") as f:
+      json.dump(summary, f, indent=1)
+    saved = os.path.join(run_dir, "config.yaml")
+    if not os.path.exists(saved):
+      config.save_config(cfg, saved)
+  return ctx, setup.total_steps(ctx, summary)
 
 
 def cmd_eval(args) -> int:
@@ -178,7 +209,7 @@ def cmd_compare(args) -> int:
     import torch  # noqa: F401
   except ImportError as e:
     raise UsageError(f"compare needs the PyTorch reference ({e.name} is not installed): "
-                     "pip install -e \".[test]\"") from None
+                     "pip install -e \".[torch]\"") from None
   from jax_it.run import compare
   cfg, run_dir = saved_config(args) if (args.run_dir or args.config) else (
       config.load_config(default_config(), args.overrides), run_dir_of(args, None))

@@ -8,6 +8,7 @@ import os
 import jax
 
 from jax_it import data, sample, synth, train
+from jax_it.run import metrics
 from jax_it.run.setup import Context
 
 
@@ -96,8 +97,8 @@ def write(result: dict, run_dir: str, show: int) -> str:
   with open(os.path.join(run_dir, "eval.json"), "w") as f:
     json.dump(result["rows"], f, indent=1)
   summary = {k: v for k, v in result.items() if k != "rows"}
-  with open(os.path.join(run_dir, "eval_metrics.json"), "w") as f:
-    json.dump(summary, f, indent=1)
+  with open(os.path.join(run_dir, "eval_metrics.json"), "w") as f:  # strict JSON: NaN as null
+    json.dump(json.loads(metrics.strict_json(summary)), f, indent=1)
   text = (f"Held-out records: {result['records']} (loss), {result['generated']} generated\n\n"
           f"{table(result)}\n\n{samples(result, show)}\n")
   with open(os.path.join(run_dir, "report.md"), "w") as f:
@@ -117,8 +118,8 @@ def plot_losses(run_dir: str) -> str | None:
 
   with open(path) as f:
     records = [json.loads(line) for line in f]
-  train = [(r["step"], r["loss"]) for r in records if "loss" in r]
-  val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+  train = [(r["step"], r["loss"]) for r in records if r.get("loss") is not None]
+  val = [(r["step"], r["val_loss"]) for r in records if r.get("val_loss") is not None]
   fig, ax = plt.subplots(figsize=(6, 4))
   if train:
     ax.plot(*zip(*train), label="train loss")

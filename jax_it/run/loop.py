@@ -10,7 +10,7 @@ import numpy as np
 from jax_it import data, lora, train
 from jax_it.run import checkpoint, evaluate
 from jax_it.run.metrics import MetricsLog, StepReporter
-from jax_it.run.setup import Context, Interrupted, identity, total_steps
+from jax_it.run.setup import Context, Interrupted, identity
 
 
 class _Interrupt:
@@ -40,10 +40,10 @@ def _resume(ctx: Context, ckpt, adapter, opt_state, it, steps: int):
   return adapter, opt_state, start
 
 
-def train_loop(ctx: Context, progress: bool = True) -> dict:
-  """Train to the end (or Ctrl-C), resuming from the run's latest checkpoint. Returns a summary."""
+def train_loop(ctx: Context, steps: int, progress: bool = True) -> dict:
+  """Train to step `steps` (or Ctrl-C), resuming from the run's latest checkpoint that reads.
+  Returns a summary."""
   cfg, t = ctx.cfg, ctx.cfg.train
-  steps = total_steps(ctx)
   optimizer, schedule = train.optimizer(t, steps)
   adapter = lora.init(jax.random.key(cfg.lora.seed), ctx.mcfg, cfg.lora)
   opt_state = optimizer.init(adapter)

@@ -71,11 +71,13 @@ class Context:
   tokenizer: object
   mesh: jax.sharding.Mesh
   _splits: dict | None = None
+  # what reading and tokenizing the records skipped, cut or dropped (see data_summary)
+  data_stats: data.DataStats = dataclasses.field(default_factory=data.DataStats)
 
   @property
   def splits(self) -> dict[str, list[dict]]:
     if self._splits is None:
-      self._splits = data.load_splits(self.cfg.data)
+      self._splits = data.load_splits(self.cfg.data, self.data_stats)
     return self._splits
 
 
@@ -107,22 +109,41 @@ def identity(cfg: config.RunConfig) -> dict:
   return json.loads(json.dumps(ident))  # as it reads back from the checkpoint (lists, not tuples)
 
 
-def total_steps(ctx: Context) -> int:
-  """max_steps, or the steps of `epochs` passes (packed rows estimated from token counts)."""
-  t, d = ctx.cfg.train, ctx.cfg.data
+def data_summary(ctx: Context) -> dict:
+  """The train split as training will see it: records read and skipped (with the first reasons),
+  cut or dropped at max_len, dropped with no loss token left, tokens, rows and row fill of an
+  epoch (data.summarize)."""
+  cfg, st = ctx.cfg, ctx.data_stats
+  train_records = ctx.splits["train"]  # reads the records, filling data_stats
+  s = data.summarize(train_records, ctx.tokenizer, cfg.data,
+                     cfg.train.batch_size // jax.process_count(), st)
+  return {"records_read": st.loaded, "skipped": len(st.skipped), "skipped_first": st.skipped[:3],
+          "train_records": s["records"], "truncated": len(st.truncated),
+          "dropped_too_long": len(st.dropped), "dropped_no_loss_token": len(st.no_loss),
+          "train_examples": s["examples"], "tokens": s["tokens"], "loss_tokens": s["loss_tokens"],
+          "rows_per_epoch": s["rows"], "row_fill": s["row_fill"], "max_len": cfg.data.max_len,
+          "batch_mode": cfg.data.batch_mode, "truncate": cfg.data.truncate}
+
+
+def format_data_summary(s: dict) -> str:
+  lines = [
+      f"data: {s['records_read']} records read, {s['skipped']} skipped; train split "
+      f"{s['train_records']}: {s['truncated']} cut at max_len={s['max_len']}, "
+      f"{s['dropped_too_long']} dropped as too long, {s['dropped_no_loss_token']} dropped with "
+      f"no loss token left, {s['train_examples']} trained on",
+      f"  {s['tokens']:,} tokens, {s['loss_tokens']:,} in the loss "
+      f"({s['loss_tokens'] / max(s['tokens'], 1):.1%}); an epoch is {s['rows_per_epoch']} rows "
+      f"({s['batch_mode']}), {s['row_fill']:.1%} of their positions real tokens"]
+  lines += [f"  skipped: {reason}" for reason in s["skipped_first"]]
+  return "\n".join(lines)
+
+
+def total_steps(ctx: Context, summary: dict) -> int:
+  """max_steps, or the steps of `epochs` passes over the rows an epoch packs into."""
+  t = ctx.cfg.train
   if t.max_steps:
     return t.max_steps
-  n = len(ctx.splits["train"])
-  if d.batch_mode == "pad":
-    return max(1, t.epochs * (n // t.batch_size))
-  template = data.get_template(d.template, d.template_no_input)
-  tokens = 0
-  for rec in ctx.splits["train"]:
-    prompt, response = data.format_prompt(rec, template)
-    tokens += min(d.max_len, len(ctx.tokenizer.encode(prompt + response,
-                                                      add_special_tokens=False)) + 2)
-  rows = tokens / (0.97 * d.max_len)  # packing fills ~97% of each row (benchmarks/)
-  return max(1, math.ceil(t.epochs * rows / t.batch_size))
+  return max(1, math.ceil(t.epochs * summary["rows_per_epoch"] / t.batch_size))
 
 
 # ---------------------------------------------------------------------------------------------
