@@ -52,6 +52,9 @@ def maybe_initialize_distributed():
     except (KeyError, ValueError):
       raise UsageError("JAX_COORDINATOR_ADDRESS is set: JAX_NUM_PROCESSES and JAX_PROCESS_ID "
                        "must be set to integers too") from None
+    if n < 1 or not 0 <= i < n:  # refused here, before any process waits for the others
+      raise UsageError(f"JAX_PROCESS_ID={i} with JAX_NUM_PROCESSES={n}: expected "
+                       f"0 <= JAX_PROCESS_ID < JAX_NUM_PROCESSES")
     jax.distributed.initialize(coordinator_address=env["JAX_COORDINATOR_ADDRESS"],
                                num_processes=n, process_id=i)
   elif env.get("JAX_DISTRIBUTED") == "1":
