@@ -8,12 +8,7 @@ import tempfile
 import numpy as np
 import torch
 
-# transformers classes of each family: (config, causal LM)
-FAMILIES = {
-    "gemma1": ("GemmaConfig", "GemmaForCausalLM"),
-    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM"),
-    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM"),
-}
+from jax_it.families import FAMILIES
 
 # Tiny enough for CPU tests in seconds; initializer_range 0.2 (not 0.02) so the layers move the
 # logits well beyond float32 rounding. Eager attention: the reference implementation of Gemma.
@@ -46,8 +41,10 @@ def tiny_hf(family: str, *, seed: int = 0, norm_std: float = 0.5, weight_std: fl
   """
   import transformers
 
-  config_cls, model_cls = (getattr(transformers, name) for name in FAMILIES[family])
-  config = config_cls(**{**TINY, **FAMILY_DEFAULTS[family], **overrides})
+  fam = FAMILIES[family]  # its transformers model_type and class
+  config = transformers.AutoConfig.for_model(fam.hf_types[0],
+                                             **{**TINY, **FAMILY_DEFAULTS[family], **overrides})
+  model_cls = getattr(transformers, fam.hf_class)
   torch.manual_seed(seed)
   hf = model_cls(config).eval()
   with torch.no_grad():

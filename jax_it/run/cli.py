@@ -100,6 +100,19 @@ def saved_config(args) -> tuple[config.RunConfig, str]:
                    f"started with `run.py train`, or --config FILE")
 
 
+def trained_run(args) -> tuple[config.RunConfig, str]:
+  """saved_config of a run that has a checkpoint; checked before any model loads."""
+  cfg, run_dir = saved_config(args)
+  setup.require_checkpoint(run_dir)
+  return cfg, run_dir
+
+
+def with_adapter(cfg: config.RunConfig, run_dir: str):
+  """(context, the run's latest LoRA weights)."""
+  ctx = setup.make_context(cfg, run_dir)
+  return ctx, setup.load_adapter(ctx)
+
+
 # ---------------------------------------------------------------------------------------------
 # Commands
 
@@ -157,13 +170,11 @@ def _start(cfg: config.RunConfig, run_dir: str, lead: bool):
 
 def cmd_eval(args) -> int:
   from jax_it.run import evaluate
-  cfg, run_dir = saved_config(args)
-  setup.require_checkpoint(run_dir)
+  cfg, run_dir = trained_run(args)
   records = None
   if args.data:  # read before the model loads: a bad file fails in a second, not after it
     records = data.load_records(dataclasses.replace(cfg.data, path=args.data))
-  ctx = setup.make_context(cfg, run_dir)
-  adapter = setup.load_adapter(ctx)
+  ctx, adapter = with_adapter(cfg, run_dir)
   records = ctx.splits["test"] if records is None else records
   n = cfg.report.eval_samples or len(records)
   result = evaluate.compare(ctx, adapter, records, n)
@@ -175,10 +186,7 @@ def cmd_generate(args) -> int:
   from jax_it.run import evaluate
   if not args.prompt:
     raise UsageError("generate needs --prompt TEXT")
-  cfg, run_dir = saved_config(args)
-  setup.require_checkpoint(run_dir)
-  ctx = setup.make_context(cfg, run_dir)
-  adapter = setup.load_adapter(ctx)
+  ctx, adapter = with_adapter(*trained_run(args))
   record = {"instruction": args.prompt, "input": args.input, "output": ""}
   for name, a in ((("base", None),) if args.base else ()) + (("tuned", adapter),):
     text, stopped = evaluate.responses(ctx, [record], a)[0]
@@ -190,12 +198,10 @@ def cmd_export(args) -> int:
   from jax_it import lora
   if not args.out:
     raise UsageError("export needs --out DIR")
-  cfg, run_dir = saved_config(args)
-  setup.require_checkpoint(run_dir)
+  cfg, run_dir = trained_run(args)
   # merging needs the float base, also for runs that trained on an int8 one
   cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, quant="none"))
-  ctx = setup.make_context(cfg, run_dir)
-  adapter = setup.load_adapter(ctx)
+  ctx, adapter = with_adapter(cfg, run_dir)
   lora.save_peft(adapter, ctx.mcfg, args.out, base_model=cfg.model.path)
   print(f"PEFT adapter written to {args.out}")
   if args.merged:

@@ -159,15 +159,13 @@ def require_checkpoint(run_dir: str) -> None:
 
 def load_adapter(ctx: Context, required: bool = True) -> lora.Lora | None:
   """The LoRA weights of the run's latest checkpoint (None if there is none and not required)."""
-  if not os.path.isdir(os.path.join(ctx.run_dir, "checkpoints")):
-    if required:
-      require_checkpoint(ctx.run_dir)
+  if required:
+    require_checkpoint(ctx.run_dir)
+  elif not os.path.isdir(os.path.join(ctx.run_dir, "checkpoints")):
     return None
   ckpt = checkpoint.Checkpointer(ctx.run_dir, async_save=False)
   try:
-    if ckpt.latest_step() is None:
-      if required:
-        raise RunError(f"{ctx.run_dir} has no checkpoint yet; train first")
+    if ckpt.latest_step() is None and not required:
       return None
     template = lora.init(jax.random.key(0), ctx.mcfg, ctx.cfg.lora)
     adapter, _ = ckpt.restore_lora(template, identity(ctx.cfg))
