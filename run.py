@@ -1,10 +1,11 @@
-"""jax_it command line: train (default) | eval | generate | export | compare.
+"""jax_it command line: train (default) | eval | generate | export | compare | plan.
 
   python run.py [train] [--config FILE] [--run-dir DIR] [section.key=value ...]
   python run.py eval     --run-dir DIR [--data FILE]
   python run.py generate --run-dir DIR --prompt TEXT [--input TEXT] [--base]
   python run.py export   --run-dir DIR --out DIR [--merged]
   python run.py compare  (--run-dir DIR | --config FILE)
+  python run.py plan     [--config FILE] [section.key=value ...]   memory per device
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-COMMANDS = ("train", "eval", "generate", "export", "compare")
+COMMANDS = ("train", "eval", "generate", "export", "compare", "plan")
 
 
 def parse(argv):

@@ -248,7 +248,7 @@ class _Tokenize:
     if not fitted["loss_mask"].any():  # e.g. a prompt longer than max_len: nothing to learn
       self.stats.no_loss.add(rid)
       return None
-    return fitted
+    return dict(fitted, record_ids=np.full(len(fitted["tokens"]), rid + 1, np.int32))
 
 
 def _texts(records: Sequence[dict], cfg: DataConfig) -> list[tuple[int, str, str]]:
@@ -272,24 +272,42 @@ def train_dataset(records: Sequence[dict], tokenizer, cfg: DataConfig, batch_siz
                   num_epochs: int | None = None, shuffle: bool = True,
                   stats: DataStats | None = None, process_index: int | None = None,
                   process_count: int | None = None) -> grain.IterDataset:
-  """Batches of this process's share of `records`: shuffled per epoch, tokenized, packed/padded.
+  """This process's rows of the global batches of `records`: shuffled per epoch, tokenized,
+  packed or padded into batches of `batch_size` rows (global: all processes together).
 
-  `batch_size` is rows per batch on this process. num_epochs=None repeats forever (stop by
-  step count; with packing or dropping the number of batches per epoch depends on the data).
+  Every process builds the same global batches (same records, same seeds) and keeps its own
+  contiguous slice of rows, the rows its devices hold in the mesh. So the batches, and the
+  losses, are the same whether 1 process or N feed them, and each example is fed once per
+  epoch by exactly one process. The price: every process tokenizes the whole split.
+  num_epochs=None repeats forever (stop by step count; with packing or dropping the number of
+  batches per epoch depends on the data).
   """
   stats = DataStats() if stats is None else stats
   pi, pc = _shard(process_index, process_count)
+  if batch_size % pc:
+    raise DataError(f"a global batch of {batch_size} rows does not split over {pc} processes")
   template = get_template(cfg.template, cfg.template_no_input)
   ds = grain.MapDataset.source(_texts(records, cfg))
   if shuffle:  # before repeat: every epoch gets its own permutation and epochs never mix
     ds = ds.shuffle(seed=cfg.seed)
-  ds = ds.repeat(num_epochs)
-  if num_epochs is not None:  # equal shares, so no process runs out of batches first
-    ds = ds[:len(ds) // pc * pc]
-  ds = ds[pi::pc].map(_Tokenize(tokenizer, cfg, stats, template))
+  ds = ds.repeat(num_epochs).map(_Tokenize(tokenizer, cfg, stats, template))
   read = grain.ReadOptions(num_threads=cfg.workers, prefetch_buffer_size=max(16, 4 * cfg.workers))
   it = ds.to_iter_dataset(read)  # drops the Nones of dropped examples
-  return _batched(it, tokenizer, cfg, batch_size, shuffle)
+  batches = _batched(it, tokenizer, cfg, batch_size, shuffle)
+  if pc == 1:
+    return batches
+  rows = batch_size // pc
+  return batches.map(_Rows(pi * rows, (pi + 1) * rows))
+
+
+class _Rows:
+  """A batch's rows [start, stop): one process's slice of the global batch."""
+
+  def __init__(self, start: int, stop: int):
+    self.start, self.stop = start, stop
+
+  def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {k: v[self.start:self.stop] for k, v in batch.items()}
 
 
 def _batched(examples: grain.IterDataset, tokenizer, cfg: DataConfig, batch_size: int,

@@ -1,7 +1,8 @@
 """Batch assembly on grain: several examples packed per row, or one example per padded row.
 
 An example is a dict of equal-length 1-D arrays: `tokens` (int32), `targets` (int32, the next
-token of the same example) and `loss_mask` (float32, 1 where the target is trained on). A batch
+token of the same example), `loss_mask` (float32, 1 where the target is trained on) and
+`record_ids` (int32, 1 + the index of the record it came from, at each of its positions). A batch
 adds `positions` (restarting at 0 per example) and `segment_ids` (1, 2, 3... per example in a
 row, 0 on padding). Every batch has exactly `batch_size` rows, so a jitted step never retraces
 at the end of a split; missing rows are all padding.
@@ -14,11 +15,11 @@ from collections.abc import Sequence
 import grain
 import numpy as np
 
-EXAMPLE_KEYS = ("tokens", "targets", "loss_mask")
-BATCH_KEYS = ("tokens", "targets", "loss_mask", "positions", "segment_ids")
+EXAMPLE_KEYS = ("tokens", "targets", "loss_mask", "record_ids")
+BATCH_KEYS = ("tokens", "targets", "loss_mask", "record_ids", "positions", "segment_ids")
 PAD_MULTIPLE = 64  # padded rows are rounded up to this many positions (fewer distinct shapes)
 DTYPES = {"tokens": np.int32, "targets": np.int32, "loss_mask": np.float32,
-           "positions": np.int32, "segment_ids": np.int32}
+          "record_ids": np.int32, "positions": np.int32, "segment_ids": np.int32}
 
 
 def empty_batch(batch_size: int, length: int, pad_id: int) -> dict[str, np.ndarray]:
@@ -71,7 +72,7 @@ def pack_and_batch(ds: grain.IterDataset, *, batch_size: int, max_len: int, pad_
       num_packing_bins=num_bins,
       seed=seed,
       shuffle_bins=shuffle_bins,
-      padding_struct={"tokens": pad_id, "targets": 0, "loss_mask": 0},
+      padding_struct={"tokens": pad_id, "targets": 0, "loss_mask": 0, "record_ids": 0},
   )
   return ds.batch(batch_size, batch_fn=lambda rows: stack_packed_rows(
       rows, batch_size=batch_size, pad_id=pad_id))

@@ -96,12 +96,19 @@ def loss_capacity(batch: dict, groups: int = 1, multiple: int = 64) -> int:
 
 def prepare_batch(batch: dict, mesh: jax.sharding.Mesh, micro_batches: int = 1,
                   multiple: int = 64) -> dict:
-  """Loss index for this process's rows, then placement; all processes agree on C."""
+  """Loss index for this process's rows, then placement. All processes agree on the loss
+  capacity C and the row length (pad-mode rows of one process may be shorter: they are padded
+  to the longest process's, with positions that reach no loss and no attention)."""
   groups = len(mesh.local_devices) * micro_batches
   cap = loss_capacity(batch, groups, multiple)
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
-    cap = int(np.max(multihost_utils.process_allgather(np.int32(cap))))
+    length = np.asarray(batch["tokens"]).shape[1]
+    cap, most = (int(v) for v in np.max(multihost_utils.process_allgather(
+        np.asarray([cap, length], np.int32)), axis=0))
+    if most > length:
+      batch = {k: np.pad(np.asarray(batch[k]), ((0, 0), (0, most - length)))
+               for k in ("tokens", "targets", "positions", "segment_ids", "loss_mask")}
   return shard_batch(add_loss_index(batch, groups, multiple, cap), mesh)
 
 
@@ -243,12 +250,15 @@ def make_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation,
                "weights_finite": jnp.isfinite(optax.tree.norm(lora)).astype(jnp.float32)}
     return lora, opt_state, metrics
 
-  jitted = jax.jit(step, donate_argnums=(0, 1))
+  # outputs replicated: the next step gets the placement it was compiled for (sharded mode would
+  # otherwise hand back LoRA weights sharded like the base, recompile and not reuse the buffers)
+  jitted = jax.jit(step, donate_argnums=(0, 1), out_shardings=NamedSharding(mesh, P()))
 
   def train_step(lora, opt_state, params, batch, key=None):
     key = jax.random.key(0) if key is None else key
     return jitted(lora, opt_state, params, batch, key)
 
+  train_step.jitted = jitted  # run/plan.py lowers it; the first call then reuses that compile
   return train_step
 
 
@@ -260,8 +270,10 @@ def replicate(tree, mesh: jax.sharding.Mesh):
   return jax.device_put(tree, NamedSharding(mesh, P()))
 
 
-def shard_params(params: Params, mesh: jax.sharding.Mesh) -> Params:
-  """Shard each base tensor along its largest axis divisible by the device count (never L)."""
+def param_shardings(params, mesh: jax.sharding.Mesh):
+  """Each base tensor's sharding for parallel="sharded": along its largest axis divisible by the
+  device count (never the stacked layer axis), replicated where none divides. `params` may be
+  arrays or shapes (jax.ShapeDtypeStruct)."""
   n = mesh.devices.size
 
   def spec(path, x):
@@ -272,8 +284,12 @@ def shard_params(params: Params, mesh: jax.sharding.Mesh) -> Params:
     best = max(axes, key=lambda a: x.shape[a])
     return NamedSharding(mesh, P(*[DATA_AXIS if a == best else None for a in range(x.ndim)]))
 
-  shardings = jax.tree_util.tree_map_with_path(spec, params)
-  return jax.device_put(params, shardings)
+  return jax.tree_util.tree_map_with_path(spec, params)
+
+
+def shard_params(params: Params, mesh: jax.sharding.Mesh) -> Params:
+  """The base params placed by param_shardings: each device holds a share of every tensor."""
+  return jax.device_put(params, param_shardings(params, mesh))
 
 
 def shard_batch(batch: dict, mesh: jax.sharding.Mesh) -> dict:

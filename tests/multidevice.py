@@ -2,7 +2,8 @@
 
   python multidevice.py devices          4 forced CPU devices: data-parallel, micro-batched, sharded
   python multidevice.py single           1 device, the reference for the two-process run
-  python multidevice.py process PORT I   process I of 2, each with 2 CPU devices, over loopback
+  python multidevice.py process PORT I   process I of 2, each with 2 CPU devices, over loopback:
+                                         data-parallel and sharded
 """
 
 import json
@@ -48,12 +49,18 @@ def one_step(devices, opts, rows=slice(None)):
   step = train.make_train_step(CFG, opt, mesh, opts)
   params = train.shard_params(params, mesh) if opts.parallel == "sharded" else train.replicate(
       params, mesh)
+  held = {}  # base-param bytes each of this process's devices holds
+  for x in jax.tree.leaves(params):
+    for shard in x.addressable_shards:
+      held[shard.device.id] = held.get(shard.device.id, 0) + shard.data.nbytes
+  total = sum(x.nbytes for x in jax.tree.leaves(params))
   local = {k: v[rows] for k, v in batch.items()}
   new, _, metrics = step(train.replicate(adapter, mesh), train.replicate(opt.init(adapter), mesh),
                          params, train.prepare_batch(local, mesh, opts.micro_batches, multiple=4))
   flat = np.concatenate([np.asarray(jax.device_get(x)).ravel() for x in jax.tree.leaves(
       jax.experimental.multihost_utils.process_allgather(new, tiled=True))])
-  return {"loss": float(metrics["loss"]), "lora": flat}
+  return {"loss": float(metrics["loss"]), "lora": flat,
+          "param_share": sorted(b / total for b in held.values())}
 
 
 def main():
@@ -70,9 +77,12 @@ def main():
   else:
     i, n = jax.process_index(), jax.process_count()
     half = 8 // n
-    r = one_step(jax.devices(), train.TrainConfig(loss_chunk=8), slice(i * half, (i + 1) * half))
+    mine = slice(i * half, (i + 1) * half)
+    r = one_step(jax.devices(), train.TrainConfig(loss_chunk=8), mine)
+    s = one_step(jax.devices(), train.TrainConfig(loss_chunk=8, parallel="sharded"), mine)
     out = {"loss": r["loss"], "lora": r["lora"].tolist(), "devices": jax.device_count(),
-           "processes": n}
+           "processes": n, "sharded_loss": s["loss"], "sharded_lora": s["lora"].tolist(),
+           "sharded_param_share": s["param_share"], "data_param_share": r["param_share"]}
   print(json.dumps(out))
 
 

@@ -118,8 +118,8 @@ def test_tiny_pad_batch_by_hand(tmp_path, tok):
   b = batches[0]
   assert b["tokens"].shape == (3, 64)  # longest example 5, rounded up to 64
   assert {k: v.dtype for k, v in b.items()} == {
-      "tokens": np.int32, "targets": np.int32, "loss_mask": np.float32, "positions": np.int32,
-      "segment_ids": np.int32}
+      "tokens": np.int32, "targets": np.int32, "loss_mask": np.float32, "record_ids": np.int32,
+      "positions": np.int32, "segment_ids": np.int32}
   # record 0: BOS ask hello | world EOS; record 1: BOS ask foo | baz qux EOS; row 2 empty
   row = lambda x: np.pad(x, (0, 64 - len(x)))  # noqa: E731
   np.testing.assert_array_equal(b["tokens"], [row([BOS, 4, 5, 6]), row([BOS, 4, 7, 9, 10]),
@@ -268,18 +268,48 @@ def _instructions(batches, tok) -> list[str]:
   return out
 
 
-def test_epochs_reshuffle_and_processes_split_the_data(tmp_path, tok):
+def test_epochs_reshuffle_and_are_deterministic(tmp_path, tok):
   recs = [{"instruction": w, "output": "qux"} for w in ["hello", "world", "foo", "bar", "baz"]]
   cfg = data.DataConfig(path=write_json(tmp_path / "r.json", recs), template="ask {instruction}",
                         batch_mode="pad", splits=(1, 0, 0), seed=7)
-  run = lambda **kw: _instructions(data.make_train_iterator(  # noqa: E731
-      cfg, tok, 1, num_epochs=2, **kw), tok)
-  both = run(**ONE_PROCESS)
+  run = lambda: _instructions(data.make_train_iterator(  # noqa: E731
+      cfg, tok, 1, num_epochs=2, **ONE_PROCESS), tok)
+  both = run()
   words = sorted(r["instruction"] for r in recs)
   assert sorted(both[:5]) == words and sorted(both[5:]) == words and both[:5] != both[5:]
-  assert both == run(**ONE_PROCESS)  # deterministic
-  p0, p1 = run(process_index=0, process_count=2), run(process_index=1, process_count=2)
-  assert len(p0) == len(p1) == 5 and sorted(p0 + p1) == sorted(both)  # 10 // 2 * 2 examples
+  assert both == run()  # deterministic
+
+
+@pytest.mark.parametrize("mode", ["pack", "pad"])
+def test_processes_feed_every_record_once_per_epoch(tmp_path, tok, mode):
+  """Each of 2 (or 4) processes keeps its rows of the global batches: the union of the record
+  ids they fed over an epoch is the train split, each id once, and their rows side by side
+  are the one-process batches (so the losses cannot depend on the process count)."""
+  recs = word_records(45, seed=3)
+  cfg = data.DataConfig(path=write_json(tmp_path / "r.json", recs), max_len=24, pack_bins=4,
+                        template="ask {instruction} {input}", splits=(1, 0, 0), seed=1,
+                        batch_mode=mode)
+  def epoch(pi, pc):
+    return list(data.train_dataset(recs, tok, cfg, 4, num_epochs=1, process_index=pi,
+                                   process_count=pc))
+  whole = epoch(0, 1)
+  assert len(whole) > 3
+  for pc in (2, 4):
+    shards = [epoch(pi, pc) for pi in range(pc)]
+    assert all(len(s) == len(whole) for s in shards)  # no process runs out of batches first
+    fed = []
+    for shard in shards:
+      for b in shard:
+        assert b["tokens"].shape[0] == 4 // pc
+        ids = b["record_ids"][b["segment_ids"] > 0]
+        # one id per example: where a new segment starts
+        starts = np.diff(b["segment_ids"], axis=1, prepend=0) != 0
+        fed += [int(i) - 1 for i in b["record_ids"][starts & (b["segment_ids"] > 0)]]
+        assert (ids >= 1).all()
+    assert sorted(fed) == list(range(len(recs))), pc  # every record once, no duplicate
+    for i, b in enumerate(whole):
+      for k in packing.BATCH_KEYS:
+        np.testing.assert_array_equal(np.concatenate([s[i][k] for s in shards]), b[k])
 
 
 def test_worker_threads_give_the_same_batches(tmp_path, tok):

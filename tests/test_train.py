@@ -122,7 +122,9 @@ def test_data_parallel_and_sharded_steps_equal_one_device():
     assert res[name]["lora_max_diff"] <= 1e-5, (name, res)
 
 
-def test_two_processes_give_the_one_process_loss():
+def test_two_processes_give_the_one_process_loss_data_parallel_and_sharded():
+  """2 processes x 2 devices; with train.parallel=sharded each device holds a quarter of the
+  base params (read from the arrays' shards), replicated each holds all of them."""
   port = str(12000 + os.getpid() % 5000)
   procs = [subprocess.Popen([sys.executable, os.path.join(HERE, "multidevice.py"), "process",
                              port, str(i)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -136,3 +138,7 @@ def test_two_processes_give_the_one_process_loss():
     assert r["devices"] == 4 and r["processes"] == 2
     assert abs(r["loss"] - single["loss"]) <= 1e-5, (r["loss"], single["loss"])
     assert np.abs(np.asarray(r["lora"]) - np.asarray(single["lora"])).max() <= 1e-5
+    assert abs(r["sharded_loss"] - single["loss"]) <= 1e-5, (r["sharded_loss"], single["loss"])
+    assert np.abs(np.asarray(r["sharded_lora"]) - np.asarray(single["lora"])).max() <= 1e-5
+    assert r["data_param_share"] == [1.0, 1.0]
+    assert r["sharded_param_share"] == [0.25, 0.25], r["sharded_param_share"]

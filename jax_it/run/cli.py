@@ -7,9 +7,10 @@ import json
 import os
 import shutil
 import sys
+import traceback
 
 from jax_it import config, data, weights
-from jax_it.run import checkpoint, setup
+from jax_it.run import checkpoint, cluster, setup
 from jax_it.run.lock import RunLock
 
 
@@ -18,13 +19,13 @@ class UsageError(ValueError):
 
 
 EXPECTED = (config.ConfigError, data.DataError, weights.CheckpointError, setup.RunError,
-            UsageError, checkpoint.CheckpointMismatch, FileNotFoundError, FileExistsError,
-            PermissionError)
+            UsageError, checkpoint.CheckpointMismatch, cluster.ClusterError, FileNotFoundError,
+            FileExistsError, PermissionError)
 
 
 def run(args) -> int:
   try:
-    maybe_initialize_distributed()
+    cluster.initialize()
     return COMMANDS[args.command](args)
   except setup.Interrupted as e:
     print(f"\n{e}", file=sys.stderr)
@@ -34,31 +35,15 @@ def run(args) -> int:
     return 130
   except EXPECTED as e:
     print(f"error: {e}", file=sys.stderr)
+    cluster.fail(f"error: {e}", 2)  # in a multi-process run: the others stop too, at once
     return 2
-
-
-def maybe_initialize_distributed():
-  """Join a multi-process run when the environment describes one.
-
-  JAX_COORDINATOR_ADDRESS + JAX_NUM_PROCESSES + JAX_PROCESS_ID (any cluster), or
-  JAX_DISTRIBUTED=1 to let jax detect the cluster (Cloud TPU pods, SLURM). Each process then
-  feeds its share of the global batch.
-  """
-  import jax
-  env = os.environ
-  if env.get("JAX_COORDINATOR_ADDRESS"):
-    try:
-      n, i = int(env["JAX_NUM_PROCESSES"]), int(env["JAX_PROCESS_ID"])
-    except (KeyError, ValueError):
-      raise UsageError("JAX_COORDINATOR_ADDRESS is set: JAX_NUM_PROCESSES and JAX_PROCESS_ID "
-                       "must be set to integers too") from None
-    if n < 1 or not 0 <= i < n:  # refused here, before any process waits for the others
-      raise UsageError(f"JAX_PROCESS_ID={i} with JAX_NUM_PROCESSES={n}: expected "
-                       f"0 <= JAX_PROCESS_ID < JAX_NUM_PROCESSES")
-    jax.distributed.initialize(coordinator_address=env["JAX_COORDINATOR_ADDRESS"],
-                               num_processes=n, process_id=i)
-  elif env.get("JAX_DISTRIBUTED") == "1":
-    jax.distributed.initialize()
+  except Exception as e:
+    i, n = cluster.process() if cluster.joined() else (0, 1)
+    if n > 1:  # the traceback here, its last line to every process, then all exit
+      traceback.print_exc()
+      line = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+      cluster.fail(f"{type(e).__name__}: {line} (traceback on process {i})", 1)
+    raise
 
 
 # ---------------------------------------------------------------------------------------------
@@ -88,13 +73,23 @@ def prepare_run_dir(run_dir: str):
     raise setup.RunError(f"run directory {run_dir} is not writable: {e.strerror}") from None
 
 
+def agreed(args, cfg: config.RunConfig) -> config.RunConfig:
+  """`cfg`, once every process of a multi-process run has the same command, options and
+  resolved config (a one-line error naming the differing keys otherwise)."""
+  options = {k: v for k, v in sorted(vars(args).items())
+             if k not in ("run_dir", "config", "overrides", "no_progress")}
+  cluster.agree("commands or configs", {"command line": options, **config.to_dict(cfg)})
+  return cfg
+
+
 def saved_config(args) -> tuple[config.RunConfig, str]:
   """The config of an existing run (--run-dir), or of --config."""
   if args.run_dir and os.path.exists(os.path.join(args.run_dir, "config.yaml")):
-    return config.load_config(os.path.join(args.run_dir, "config.yaml"), args.overrides), \
-        args.run_dir
+    cfg = config.load_config(os.path.join(args.run_dir, "config.yaml"), args.overrides)
+    return agreed(args, cfg), args.run_dir
   if args.config:
-    return config.load_config(args.config, args.overrides), run_dir_of(args, args.config)
+    cfg = config.load_config(args.config, args.overrides)
+    return agreed(args, cfg), run_dir_of(args, args.config)
   where = args.run_dir or "(none given)"
   raise UsageError(f"run directory {where} holds no config.yaml; give --run-dir of a run "
                    f"started with `run.py train`, or --config FILE")
@@ -122,21 +117,30 @@ def cmd_train(args) -> int:
 
   from jax_it.run import evaluate, loop
   path = args.config or os.path.relpath(default_config())
-  cfg = config.load_config(path, args.overrides)
+  cfg = agreed(args, config.load_config(path, args.overrides))
   run_dir = run_dir_of(args, path)
   created = not os.path.exists(run_dir)
-  prepare_run_dir(run_dir)
-  lead = jax.process_index() == 0  # one writer per run directory
+  lead = jax.process_index() == 0  # one writer per run directory (shared by all processes)
+  if lead:  # the others find it there: orbax's multi-process checkpoints need one directory
+    prepare_run_dir(run_dir)
   lock = RunLock(run_dir, enabled=lead)
+
+  def remove_created():  # a failed start leaves no empty run directory behind
+    if created and lead:
+      lock.release()
+      shutil.rmtree(run_dir, ignore_errors=True)
+
+  undo = cluster.at_abort(remove_created)  # also when another process fails during the start
   try:
     print(f"run directory: {run_dir}", flush=True)
     try:
       ctx, steps = _start(cfg, run_dir, lead)
+      cluster.sync("started")  # every process started: from here the run directory stays
     except BaseException:
-      if created and lead:  # a failed start leaves no empty run directory behind
-        lock.release()
-        shutil.rmtree(run_dir, ignore_errors=True)
+      remove_created()
       raise
+    undo()
+    cluster.at_abort(lock.release)
     summary = loop.train_loop(ctx, steps, progress=not args.no_progress)
     if cfg.report.eval_samples and ctx.splits["test"]:
       result = evaluate.compare(ctx, summary["adapter"], ctx.splits["test"],
@@ -150,7 +154,7 @@ def cmd_train(args) -> int:
 
 def _start(cfg: config.RunConfig, run_dir: str, lead: bool):
   """Model, data summary (printed and saved as data_summary.json), config.yaml, total steps."""
-  ctx = setup.make_context(cfg, run_dir)
+  ctx = setup.make_context(cfg, run_dir, training=True)
   summary = setup.data_summary(ctx)
   print(f"model: {cfg.model.path} ({ctx.mcfg.family}, {ctx.mcfg.num_layers} layers); held out: "
         f"{len(ctx.splits['test'])} test, {len(ctx.splits['validation'])} validation records",
@@ -177,9 +181,16 @@ def cmd_eval(args) -> int:
   ctx, adapter = with_adapter(cfg, run_dir)
   records = ctx.splits["test"] if records is None else records
   n = cfg.report.eval_samples or len(records)
-  result = evaluate.compare(ctx, adapter, records, n)
-  print(evaluate.write(result, run_dir, cfg.report.show))
+  result = evaluate.compare(ctx, adapter, records, n)  # every process computes, one writes
+  if _lead():
+    print(evaluate.write(result, run_dir, cfg.report.show))
   return 0
+
+
+def _lead() -> bool:
+  """Process 0: in a multi-process run the one that writes files and prints results."""
+  import jax
+  return jax.process_index() == 0
 
 
 def cmd_generate(args) -> int:
@@ -190,7 +201,8 @@ def cmd_generate(args) -> int:
   record = {"instruction": args.prompt, "input": args.input, "output": ""}
   for name, a in ((("base", None),) if args.base else ()) + (("tuned", adapter),):
     text, stopped = evaluate.responses(ctx, [record], a)[0]
-    print(f"[{name}{'' if stopped else ', no EOS'}] {text}")
+    if _lead():
+      print(f"[{name}{'' if stopped else ', no EOS'}] {text}")
   return 0
 
 
@@ -202,13 +214,16 @@ def cmd_export(args) -> int:
   # merging needs the float base, also for runs that trained on an int8 one
   cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, quant="none"))
   ctx, adapter = with_adapter(cfg, run_dir)
-  lora.save_peft(adapter, ctx.mcfg, args.out, base_model=cfg.model.path)
-  print(f"PEFT adapter written to {args.out}")
+  if _lead():
+    lora.save_peft(adapter, ctx.mcfg, args.out, base_model=cfg.model.path)
+    print(f"PEFT adapter written to {args.out}")
   if args.merged:
     from jax_it.ckpt import hf
-    merged_dir = os.path.join(args.out, "merged")
-    hf.save_hf(lora.merge(ctx.params, adapter), ctx.mcfg, merged_dir, tokenizer=ctx.tokenizer)
-    print(f"merged Hugging Face model written to {merged_dir}")
+    merged = lora.merge(ctx.params, adapter)  # computed by every process, written by one
+    if _lead():
+      merged_dir = os.path.join(args.out, "merged")
+      hf.save_hf(merged, ctx.mcfg, merged_dir, tokenizer=ctx.tokenizer)
+      print(f"merged Hugging Face model written to {merged_dir}")
   return 0
 
 
@@ -225,9 +240,29 @@ def cmd_compare(args) -> int:
   ctx = setup.make_context(compare.float32_config(cfg), run_dir)
   adapter = setup.load_adapter(ctx, required=False)
   report = compare.against_torch(ctx, adapter)
-  print(compare.format_report(report))
+  if _lead():
+    print(compare.format_report(report))
   return 0 if report["ok"] else 1
 
 
+def cmd_plan(args) -> int:
+  """The memory plan of training --config (default configs/default.yaml) per device, without
+  loading weights where the shapes are known; exit 1 when it does not fit."""
+  import jax
+
+  from jax_it import train
+  from jax_it.run import plan
+  path = args.config or os.path.relpath(default_config())
+  cfg = agreed(args, config.load_config(path, args.overrides))
+  setup.check_devices(cfg)
+  mesh = train.make_mesh()
+  p = plan.memory_plan(cfg, plan.model_config(cfg.model), mesh)
+  if jax.process_index() == 0:
+    print(f"{path}: model {cfg.model.path}, global batch {cfg.train.batch_size} x "
+          f"{cfg.data.max_len} tokens, worst case (every position in the loss)")
+    print(plan.format_plan(p))
+  return 0 if p["fits"] else 1
+
+
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "export": cmd_export,
-            "compare": cmd_compare}
+            "compare": cmd_compare, "plan": cmd_plan}

@@ -26,7 +26,9 @@ def float32_config(cfg: config.RunConfig) -> config.RunConfig:
 def _batch(ctx: setup.Context, rows: int = 2) -> dict:
   records = ctx.splits["validation"] or ctx.splits["test"] or ctx.splits["train"]
   dcfg = dataclasses.replace(ctx.cfg.data, max_len=min(ctx.cfg.data.max_len, 256))
-  return next(iter(data.eval_batches(records[:rows], ctx.tokenizer, dcfg, rows)))
+  # the same whole batch on every process: in a multi-process run each compares redundantly
+  return next(iter(data.eval_batches(records[:rows], ctx.tokenizer, dcfg, rows,
+                                     process_index=0, process_count=1)))
 
 
 def _comparable(ctx: setup.Context, adapter) -> lora.Lora:

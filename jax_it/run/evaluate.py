@@ -18,7 +18,11 @@ def eval_loss(ctx: Context, adapter, records, max_batches: int = 0) -> float:
     return float("nan")
   fn = _eval_fn(ctx.mcfg, ctx.cfg.train)
   nll, count = 0.0, 0.0
-  batches = data.eval_batches(records, ctx.tokenizer, ctx.cfg.data, ctx.cfg.train.batch_size)
+  # each process's share of a global batch of about train.batch_size rows (rounded up to whole
+  # rows per device), whatever the number of processes and devices
+  per_device = -(-ctx.cfg.train.batch_size // jax.device_count())
+  batches = data.eval_batches(records, ctx.tokenizer, ctx.cfg.data,
+                              per_device * len(ctx.mesh.local_devices))
   for i, batch in enumerate(batches):
     if max_batches and i >= max_batches:
       break

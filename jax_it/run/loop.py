@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 
 import jax
@@ -45,14 +46,15 @@ def train_loop(ctx: Context, steps: int, progress: bool = True) -> dict:
   Returns a summary."""
   cfg, t = ctx.cfg, ctx.cfg.train
   optimizer, schedule = train.optimizer(t, steps)
-  adapter = lora.init(jax.random.key(cfg.lora.seed), ctx.mcfg, cfg.lora)
-  opt_state = optimizer.init(adapter)
-  it = iter(data.train_dataset(ctx.splits["train"], ctx.tokenizer, cfg.data,
-                               t.batch_size // jax.process_count()))
+  # replicated over the whole mesh before a restore, so orbax reads the checkpoint straight into
+  # that placement on every process (no array has to cross from one host to another)
+  adapter = train.replicate(lora.init(jax.random.key(cfg.lora.seed), ctx.mcfg, cfg.lora),
+                            ctx.mesh)
+  opt_state = train.replicate(optimizer.init(adapter), ctx.mesh)
+  it = iter(data.train_dataset(ctx.splits["train"], ctx.tokenizer, cfg.data, t.batch_size))
   ckpt = checkpoint.Checkpointer(ctx.run_dir, cfg.checkpoint.keep, cfg.checkpoint.async_save)
   ident = identity(cfg)
   adapter, opt_state, start = _resume(ctx, ckpt, adapter, opt_state, it, steps)
-  adapter, opt_state = train.replicate(adapter, ctx.mesh), train.replicate(opt_state, ctx.mesh)
   step_fn = train.make_train_step(ctx.mcfg, optimizer, ctx.mesh, t, remat=cfg.model.remat)
   log = MetricsLog(ctx.run_dir, start)
   reporter = StepReporter(log, schedule, start, steps, t.log_every, progress)
@@ -63,10 +65,13 @@ def train_loop(ctx: Context, steps: int, progress: bool = True) -> dict:
     while step < steps and not stop.hit:
       batch = next(it)
       real = int((np.asarray(batch["segment_ids"]) > 0).sum())
-      adapter, opt_state, metrics = step_fn(adapter, opt_state, ctx.params,
-                                            train.prepare_batch(batch, ctx.mesh, t.micro_batches),
+      placed = train.prepare_batch(batch, ctx.mesh, t.micro_batches)
+      if step == start:
+        _print_plan(ctx, step_fn, placed)
+      adapter, opt_state, metrics = step_fn(adapter, opt_state, ctx.params, placed,
                                             jax.random.fold_in(key, step))
       step += 1
+      _fault_injection(step)
       if pending is not None:  # read the previous step's metrics: the host never waits on this one
         reporter.report(*pending)
       pending = (step, metrics, real)
@@ -89,6 +94,31 @@ def train_loop(ctx: Context, steps: int, progress: bool = True) -> dict:
     stop.restore()
     log.close()
     reporter.close()
+
+
+def _print_plan(ctx: Context, step_fn, batch: dict) -> None:
+  """The memory plan (run.py plan) of the step about to run, compiled for the first batch's
+  shapes: the step's call that follows reuses that compile. Pad-mode rows shorter than
+  data.max_len would not match it: their step temporaries are estimated instead."""
+  from jax_it.run import plan
+  full = batch["tokens"].shape[1] == ctx.cfg.data.max_len
+  p = plan.memory_plan(ctx.cfg, ctx.mcfg, ctx.mesh, ctx.params, step=step_fn,
+                       capacity=batch["loss_idx"].shape[1], compile_step=full)
+  if jax.process_index() == 0:
+    print(plan.format_plan(p), flush=True)
+    if not p["fits"]:
+      print("warning: the plan above exceeds the device's memory", flush=True)
+
+
+def _fault_injection(step: int) -> None:
+  """For the resume tests: JAX_IT_KILL_AT_STEP=N SIGKILLs every process once step N is done,
+  before its checkpoint is written; N@P kills only process P."""
+  spec = os.environ.get("JAX_IT_KILL_AT_STEP")
+  if not spec:
+    return
+  at, _, who = spec.partition("@")
+  if int(at) == step and (not who or int(who) == jax.process_index()):
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _validate(ctx: Context, log: MetricsLog, step: int, adapter):

@@ -82,16 +82,18 @@ class Context:
 
 
 def check_devices(cfg: config.RunConfig) -> None:
-  groups = jax.device_count() * cfg.train.micro_batches
-  if cfg.train.batch_size % groups:
-    raise RunError(f"train.batch_size={cfg.train.batch_size} must be a multiple of devices "
-                   f"({jax.device_count()}) x train.micro_batches ({cfg.train.micro_batches})")
+  """To train, the global batch splits over all devices of all processes and micro-batches."""
+  t, n = cfg.train, jax.device_count()
+  if t.batch_size % (n * t.micro_batches):
+    raise RunError(f"train.batch_size={t.batch_size} must be a multiple of devices ({n}, all "
+                   f"processes) x train.micro_batches ({t.micro_batches})")
 
 
-def make_context(cfg: config.RunConfig, run_dir: str) -> Context:
+def make_context(cfg: config.RunConfig, run_dir: str, training: bool = False) -> Context:
   """Load the model and place its params on the mesh (replicated, or sharded for
-  train.parallel=sharded)."""
-  check_devices(cfg)
+  train.parallel=sharded). Training checks that its batch splits over the devices."""
+  if training:
+    check_devices(cfg)
   params, mcfg, tokenizer = load_model(cfg.model)
   mesh = train.make_mesh()
   if cfg.train.parallel == "sharded":
@@ -115,8 +117,7 @@ def data_summary(ctx: Context) -> dict:
   epoch (data.summarize)."""
   cfg, st = ctx.cfg, ctx.data_stats
   train_records = ctx.splits["train"]  # reads the records, filling data_stats
-  s = data.summarize(train_records, ctx.tokenizer, cfg.data,
-                     cfg.train.batch_size // jax.process_count(), st)
+  s = data.summarize(train_records, ctx.tokenizer, cfg.data, cfg.train.batch_size, st)
   return {"records_read": st.loaded, "skipped": len(st.skipped), "skipped_first": st.skipped[:3],
           "train_records": s["records"], "truncated": len(st.truncated),
           "dropped_too_long": len(st.dropped), "dropped_no_loss_token": len(st.no_loss),
@@ -167,8 +168,10 @@ def load_adapter(ctx: Context, required: bool = True) -> lora.Lora | None:
   try:
     if ckpt.latest_step() is None and not required:
       return None
-    template = lora.init(jax.random.key(0), ctx.mcfg, ctx.cfg.lora)
-    adapter, _ = ckpt.restore_lora(template, identity(ctx.cfg))
+    template = train.replicate(lora.init(jax.random.key(0), ctx.mcfg, ctx.cfg.lora), ctx.mesh)
+    # the adapter's own identity: evaluating on another batch layout or data is no mismatch
+    ident = {k: v for k, v in identity(ctx.cfg).items() if k in ("model", "lora")}
+    adapter, _ = ckpt.restore_lora(template, ident)
     return adapter
   finally:
     ckpt.close()
