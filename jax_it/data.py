@@ -294,20 +294,23 @@ def train_dataset(records: Sequence[dict], tokenizer, cfg: DataConfig, batch_siz
   read = grain.ReadOptions(num_threads=cfg.workers, prefetch_buffer_size=max(16, 4 * cfg.workers))
   it = ds.to_iter_dataset(read)  # drops the Nones of dropped examples
   batches = _batched(it, tokenizer, cfg, batch_size, shuffle)
-  if pc == 1:
-    return batches
   rows = batch_size // pc
   return batches.map(_Rows(pi * rows, (pi + 1) * rows))
 
 
 class _Rows:
-  """A batch's rows [start, stop): one process's slice of the global batch."""
+  """A batch's rows [start, stop): one process's slice of the global batch, with two facts of
+  the whole batch that every process then knows without a collective: `batch_loss_counts`
+  (loss tokens per global row, [global rows]) and `batch_real_tokens` (a scalar)."""
 
   def __init__(self, start: int, stop: int):
     self.start, self.stop = start, stop
 
   def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    return {k: v[self.start:self.stop] for k, v in batch.items()}
+    out = {k: v[self.start:self.stop] for k, v in batch.items()}
+    out["batch_loss_counts"] = (batch["loss_mask"] > 0).sum(axis=1).astype(np.int32)
+    out["batch_real_tokens"] = np.asarray((batch["segment_ids"] > 0).sum(), np.int64)
+    return out
 
 
 def _batched(examples: grain.IterDataset, tokenizer, cfg: DataConfig, batch_size: int,

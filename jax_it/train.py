@@ -97,11 +97,20 @@ def loss_capacity(batch: dict, groups: int = 1, multiple: int = 64) -> int:
 def prepare_batch(batch: dict, mesh: jax.sharding.Mesh, micro_batches: int = 1,
                   multiple: int = 64) -> dict:
   """Loss index for this process's rows, then placement. All processes agree on the loss
-  capacity C and the row length (pad-mode rows of one process may be shorter: they are padded
-  to the longest process's, with positions that reach no loss and no attention)."""
+  capacity C and the row length: a training batch carries its global rows' loss counts (see
+  data.train_dataset), so C is computed alike everywhere; other batches (evaluation) agree
+  through one allgather, pad-mode rows padded to the longest process's, with positions that
+  reach no loss and no attention."""
   groups = len(mesh.local_devices) * micro_batches
-  cap = loss_capacity(batch, groups, multiple)
-  if jax.process_count() > 1:
+  if "batch_loss_counts" in batch:  # a training batch knows its global rows: no collective
+    counts = np.asarray(batch["batch_loss_counts"])
+    length = np.asarray(batch["tokens"]).shape[1]
+    per_group = counts.reshape(mesh.devices.size * micro_batches, -1)
+    most = max(int(per_group.sum(1).max()), 1)
+    cap = min(per_group.shape[1] * length, -(-most // multiple) * multiple)
+  else:
+    cap = loss_capacity(batch, groups, multiple)
+  if jax.process_count() > 1 and "batch_loss_counts" not in batch:
     from jax.experimental import multihost_utils
     length = np.asarray(batch["tokens"]).shape[1]
     cap, most = (int(v) for v in np.max(multihost_utils.process_allgather(

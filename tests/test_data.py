@@ -119,7 +119,9 @@ def test_tiny_pad_batch_by_hand(tmp_path, tok):
   assert b["tokens"].shape == (3, 64)  # longest example 5, rounded up to 64
   assert {k: v.dtype for k, v in b.items()} == {
       "tokens": np.int32, "targets": np.int32, "loss_mask": np.float32, "record_ids": np.int32,
-      "positions": np.int32, "segment_ids": np.int32}
+      "positions": np.int32, "segment_ids": np.int32, "batch_loss_counts": np.int32,
+      "batch_real_tokens": np.int64}
+  assert b["batch_loss_counts"].tolist() == [2, 3, 0] and int(b["batch_real_tokens"]) == 9
   # record 0: BOS ask hello | world EOS; record 1: BOS ask foo | baz qux EOS; row 2 empty
   row = lambda x: np.pad(x, (0, 64 - len(x)))  # noqa: E731
   np.testing.assert_array_equal(b["tokens"], [row([BOS, 4, 5, 6]), row([BOS, 4, 7, 9, 10]),
@@ -310,6 +312,9 @@ def test_processes_feed_every_record_once_per_epoch(tmp_path, tok, mode):
     for i, b in enumerate(whole):
       for k in packing.BATCH_KEYS:
         np.testing.assert_array_equal(np.concatenate([s[i][k] for s in shards]), b[k])
+      for s in shards:  # the whole batch's facts, known to every process without a collective
+        np.testing.assert_array_equal(s[i]["batch_loss_counts"], (b["loss_mask"] > 0).sum(1))
+        assert int(s[i]["batch_real_tokens"]) == int((b["segment_ids"] > 0).sum())
 
 
 def test_worker_threads_give_the_same_batches(tmp_path, tok):

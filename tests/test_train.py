@@ -142,3 +142,21 @@ def test_two_processes_give_the_one_process_loss_data_parallel_and_sharded():
     assert np.abs(np.asarray(r["sharded_lora"]) - np.asarray(single["lora"])).max() <= 1e-5
     assert r["data_param_share"] == [1.0, 1.0]
     assert r["sharded_param_share"] == [0.25, 0.25], r["sharded_param_share"]
+
+
+def test_training_batches_carry_the_loss_capacity_all_processes_compute_alike():
+  """A training batch's global loss counts give the capacity C the rows themselves give (no
+  collective needed on N processes), with 2 micro-batches."""
+  rng = np.random.default_rng(0)
+  mask = (rng.random((8, 16)) < rng.random((8, 1))).astype(np.float32)
+  batch = {"tokens": rng.integers(3, 50, (8, 16)), "targets": rng.integers(3, 50, (8, 16)),
+           "positions": np.tile(np.arange(16), (8, 1)), "segment_ids": np.ones((8, 16)),
+           "loss_mask": mask}
+  mesh = train.make_mesh(jax.devices()[:1])
+  with_counts = dict(batch, batch_loss_counts=(mask > 0).sum(1).astype(np.int32))
+  for multiple in (4, 64):
+    a = train.prepare_batch(batch, mesh, 2, multiple)
+    b = train.prepare_batch(with_counts, mesh, 2, multiple)
+    assert a["loss_idx"].shape == b["loss_idx"].shape
+    for k in train.BATCH_KEYS:
+      np.testing.assert_array_equal(np.asarray(a[k]), np.asarray(b[k]))

@@ -37,7 +37,9 @@ class Checkpointer:
     args = {"lora": ocp.args.StandardSave(lora), "opt_state": ocp.args.StandardSave(opt_state),
             "meta": ocp.args.JsonSave(dict(identity, step=step))}
     if data_iter is not None:
-      args["data"] = grain.checkpoint.CheckpointSave(data_iter)
+      # every process iterates the same global pipeline (data.train_dataset), so one state,
+      # under one name, serves any number of processes: a run resumes on another process count
+      args["data_state"] = ocp.args.JsonSave(data_iter.get_state())
     return self.manager.save(step, args=ocp.args.Composite(**args), force=force)
 
   def restore(self, lora, opt_state, data_iter, identity: dict):
@@ -46,9 +48,16 @@ class Checkpointer:
     def read(step):
       args = {"lora": ocp.args.StandardRestore(_abstract(lora)),
               "opt_state": ocp.args.StandardRestore(_abstract(opt_state))}
+      state_item = "data_state"
       if data_iter is not None:
-        args["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+        if os.path.isdir(os.path.join(self.directory, str(step), state_item)):
+          args[state_item] = ocp.args.JsonRestore()
+        else:  # a checkpoint written before data_state: grain's per-process files
+          state_item = None
+          args["data"] = grain.checkpoint.CheckpointRestore(data_iter)
       out = self.manager.restore(step, args=ocp.args.Composite(**args))
+      if data_iter is not None and state_item:
+        data_iter.set_state(out[state_item])
       return out["lora"], out["opt_state"]
 
     (lora, opt_state), step = self._first_readable(read, identity)

@@ -77,7 +77,7 @@ def agreed(args, cfg: config.RunConfig) -> config.RunConfig:
   """`cfg`, once every process of a multi-process run has the same command, options and
   resolved config (a one-line error naming the differing keys otherwise)."""
   options = {k: v for k, v in sorted(vars(args).items())
-             if k not in ("run_dir", "config", "overrides", "no_progress")}
+             if k not in ("config", "overrides", "no_progress")}
   cluster.agree("commands or configs", {"command line": options, **config.to_dict(cfg)})
   return cfg
 
@@ -156,6 +156,9 @@ def _start(cfg: config.RunConfig, run_dir: str, lead: bool):
   """Model, data summary (printed and saved as data_summary.json), config.yaml, total steps."""
   ctx = setup.make_context(cfg, run_dir, training=True)
   summary = setup.data_summary(ctx)
+  # the same config can read other files on other hosts: the data must agree too
+  cluster.agree("data", {"data summary": summary, "train records": setup.fingerprint(
+      ctx.splits["train"])})
   print(f"model: {cfg.model.path} ({ctx.mcfg.family}, {ctx.mcfg.num_layers} layers); held out: "
         f"{len(ctx.splits['test'])} test, {len(ctx.splits['validation'])} validation records",
         flush=True)
@@ -180,6 +183,7 @@ def cmd_eval(args) -> int:
     records = data.load_records(dataclasses.replace(cfg.data, path=args.data))
   ctx, adapter = with_adapter(cfg, run_dir)
   records = ctx.splits["test"] if records is None else records
+  cluster.agree("evaluation records", {"records": setup.fingerprint(records)})
   n = cfg.report.eval_samples or len(records)
   result = evaluate.compare(ctx, adapter, records, n)  # every process computes, one writes
   if _lead():
@@ -220,6 +224,10 @@ def cmd_export(args) -> int:
   if args.merged:
     from jax_it.ckpt import hf
     merged = lora.merge(ctx.params, adapter)  # computed by every process, written by one
+    import jax
+    if jax.process_count() > 1:  # sharded params: each host holds a part; gather them whole
+      from jax.experimental import multihost_utils
+      merged = multihost_utils.process_allgather(merged, tiled=True)
     if _lead():
       merged_dir = os.path.join(args.out, "merged")
       hf.save_hf(merged, ctx.mcfg, merged_dir, tokenizer=ctx.tokenizer)
@@ -261,7 +269,7 @@ def cmd_plan(args) -> int:
     print(f"{path}: model {cfg.model.path}, global batch {cfg.train.batch_size} x "
           f"{cfg.data.max_len} tokens, worst case (every position in the loss)")
     print(plan.format_plan(p))
-  return 0 if p["fits"] else 1
+  return 1 if p["fits"] is False else 0
 
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "export": cmd_export,

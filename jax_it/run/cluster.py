@@ -93,6 +93,7 @@ def _check_port_free(address: str) -> None:
   """Process 0 serves the coordination service on the address's port: it must be free here."""
   _, port = _host_port(address)
   with socket.socket() as s:
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a just-ended run's port may wait
     try:
       s.bind(("", port))
     except OSError as e:
@@ -234,12 +235,17 @@ def _start_watchdog() -> None:
 def _watch() -> None:
   client = _client()
   i, n = process()
+  errors = 0
   while True:
     time.sleep(_POLL_S)
     try:
       failed = client.key_value_dir_get(f"{_PREFIX}/failed/")
-    except Exception:  # pylint: disable=broad-except  # coordinator gone: jax reports that
-      return
+      errors = 0
+    except Exception:  # pylint: disable=broad-except  # a transient error, or the service gone
+      errors += 1
+      if errors == 20:  # 10 s: the coordinator is gone, and jax's heartbeats report that
+        return
+      continue
     others = sorted((int(k.rsplit("/", 1)[1]), json.loads(v)) for k, v in failed)
     others = [(j, f) for j, f in others if j != i]
     if not others:

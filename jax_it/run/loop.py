@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 
 import jax
-import numpy as np
 
 from jax_it import data, lora, train
-from jax_it.run import checkpoint, evaluate
+from jax_it.run import checkpoint, cluster, evaluate
 from jax_it.run.metrics import MetricsLog, StepReporter
 from jax_it.run.setup import Context, Interrupted, identity
 
@@ -22,6 +22,12 @@ class _Interrupt:
     self.previous = signal.signal(signal.SIGINT, self._handle)
 
   def _handle(self, *_):
+    if jax.process_count() > 1:
+      # the processes would stop at different steps and wait on each other: all stop at once,
+      # unsaved; the same command resumes from the last checkpoint
+      print(f"\ninterrupted on process {jax.process_index()}; stopping every process without "
+            "saving. Run the same command to resume from the last checkpoint", file=sys.stderr)
+      cluster.fail(f"interrupted (Ctrl-C) on process {jax.process_index()}", 130)
     self.hit = True
     signal.signal(signal.SIGINT, self.previous)  # a second Ctrl-C stops at once
 
@@ -31,6 +37,9 @@ class _Interrupt:
 
 def _resume(ctx: Context, ckpt, adapter, opt_state, it, steps: int):
   """The latest checkpoint's state (the iterator restored in place), or the fresh one."""
+  # every process must start from the same step (a shared directory seen late by one host
+  # would not): refused with one line otherwise
+  cluster.agree("checkpoint steps to resume from", {"latest step": ckpt.latest_step()})
   if ckpt.latest_step() is None:
     return adapter, opt_state, 0
   adapter, opt_state, start = ckpt.restore(adapter, opt_state, it, identity(ctx.cfg))
@@ -64,7 +73,7 @@ def train_loop(ctx: Context, steps: int, progress: bool = True) -> dict:
     step = start
     while step < steps and not stop.hit:
       batch = next(it)
-      real = int((np.asarray(batch["segment_ids"]) > 0).sum())
+      real = int(batch["batch_real_tokens"])  # of the global batch, not only this process's rows
       placed = train.prepare_batch(batch, ctx.mesh, t.micro_batches)
       if step == start:
         _print_plan(ctx, step_fn, placed)
@@ -106,7 +115,7 @@ def _print_plan(ctx: Context, step_fn, batch: dict) -> None:
                        capacity=batch["loss_idx"].shape[1], compile_step=full)
   if jax.process_index() == 0:
     print(plan.format_plan(p), flush=True)
-    if not p["fits"]:
+    if p["fits"] is False:
       print("warning: the plan above exceeds the device's memory", flush=True)
 
 

@@ -207,15 +207,18 @@ def estimate_temporaries(cfg: config.RunConfig, mcfg: model.ModelConfig, mesh, a
 
 
 def device_memory(mesh: jax.sharding.Mesh) -> tuple[int, str]:
-  """(bytes, "device") from the accelerator's allocator limit, else (host memory divided over
-  this process's devices, "host"); the host figure respects a cgroup v2 limit."""
-  dev = mesh.devices.flat[0]
+  """(bytes, "device") from this process's accelerator's allocator limit; on CPU (host memory
+  divided over this process's devices, "host"), respecting a cgroup v2 limit; (0, "unknown")
+  for an accelerator that reports no limit."""
+  dev = mesh.local_devices[0]
   try:
     stats = dev.memory_stats()
   except (NotImplementedError, jax.errors.JaxRuntimeError):
     stats = None
   if stats and stats.get("bytes_limit"):
     return int(stats["bytes_limit"]), "device"
+  if dev.platform != "cpu":
+    return 0, "unknown"
   host = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
   try:
     with open("/sys/fs/cgroup/memory.max") as f:
@@ -263,7 +266,9 @@ def memory_plan(cfg: config.RunConfig, mcfg: model.ModelConfig, mesh: jax.shardi
   plan["total"] = sum(plan[k] for k in parts)
   plan["quantize_peak"] = quantize_peak(cfg, mcfg)
   plan["device_memory"], plan["device_memory_kind"] = device_memory(mesh)
-  plan["fits"] = max(plan["total"], plan["quantize_peak"]) <= plan["device_memory"]
+  # None: the device does not say how much memory it has
+  plan["fits"] = (None if plan["device_memory_kind"] == "unknown"
+                  else max(plan["total"], plan["quantize_peak"]) <= plan["device_memory"])
   return plan
 
 
@@ -278,7 +283,7 @@ def format_plan(plan: dict) -> str:
   """The plan as a short table, one line per component."""
   base = plan["params_dtype"] + (", int8" if plan["quant"] == "int8" else "")
   where = "host memory / devices" if plan["device_memory_kind"] == "host" else "device memory"
-  fits = "yes" if plan["fits"] else "NO"
+  fits = {True: "yes", False: "NO", None: "unknown"}[plan["fits"]]
   rows = [(f"base params ({base}, {plan['parallel']})", plan["base_params"]),
           ("LoRA weights", plan["lora"]), ("optimizer state", plan["optimizer"]),
           ("batch", plan["batch"]),
@@ -288,7 +293,8 @@ def format_plan(plan: dict) -> str:
   rows.append(("total", plan["total"]))
   if plan["quantize_peak"]:
     rows.append(("while quantizing to int8 (loading device)", plan["quantize_peak"]))
-  rows.append((where, plan["device_memory"]))
+  if plan["device_memory_kind"] != "unknown":
+    rows.append((where, plan["device_memory"]))
   head = f"memory per device ({plan['devices']} x {plan['platform']}):"
   lines = [head] + [f"  {name:<40} {_size(n):>11}" for name, n in rows]
   return "\n".join(lines + [f"  {'fits':<40} {fits:>11}"])

@@ -92,6 +92,10 @@ def check_devices(cfg: config.RunConfig) -> None:
 def make_context(cfg: config.RunConfig, run_dir: str, training: bool = False) -> Context:
   """Load the model and place its params on the mesh (replicated, or sharded for
   train.parallel=sharded). Training checks that its batch splits over the devices."""
+  if jax.local_device_count() * jax.process_count() != jax.device_count():
+    raise RunError(f"the processes hold different numbers of devices ({jax.device_count()} in "
+                   f"all, {jax.local_device_count()} here, {jax.process_count()} processes); "
+                   "give every process the same number")
   if training:
     check_devices(cfg)
   params, mcfg, tokenizer = load_model(cfg.model)
@@ -124,6 +128,13 @@ def data_summary(ctx: Context) -> dict:
           "train_examples": s["examples"], "tokens": s["tokens"], "loss_tokens": s["loss_tokens"],
           "rows_per_epoch": s["rows"], "row_fill": s["row_fill"], "max_len": cfg.data.max_len,
           "batch_mode": cfg.data.batch_mode, "truncate": cfg.data.truncate}
+
+
+def fingerprint(records: list[dict]) -> str:
+  """A short hash of records' contents: processes compare it to find differing files."""
+  import hashlib
+  return f"{len(records)} records, sha256 " + hashlib.sha256(json.dumps(
+      records, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
 
 
 def format_data_summary(s: dict) -> str:
