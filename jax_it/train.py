@@ -88,10 +88,15 @@ def add_loss_index(batch: dict, groups: int = 1, multiple: int = 64,
 
 
 def loss_capacity(batch: dict, groups: int = 1, multiple: int = 64) -> int:
-  mask = np.asarray(batch["loss_mask"]) > 0
-  per_group = mask.reshape(groups, -1)
+  return _capacity((np.asarray(batch["loss_mask"]) > 0).sum(1), groups,
+                   np.asarray(batch["loss_mask"]).shape[1], multiple)
+
+
+def _capacity(row_counts: np.ndarray, groups: int, length: int, multiple: int) -> int:
+  """The largest group's loss-token count rounded up to `multiple`, at most its positions."""
+  per_group = np.asarray(row_counts).reshape(groups, -1)
   most = max(int(per_group.sum(1).max()), 1)
-  return min(per_group.shape[1], -(-most // multiple) * multiple)
+  return min(per_group.shape[1] * length, -(-most // multiple) * multiple)
 
 
 def prepare_batch(batch: dict, mesh: jax.sharding.Mesh, micro_batches: int = 1,
@@ -103,11 +108,8 @@ def prepare_batch(batch: dict, mesh: jax.sharding.Mesh, micro_batches: int = 1,
   reach no loss and no attention."""
   groups = len(mesh.local_devices) * micro_batches
   if "batch_loss_counts" in batch:  # a training batch knows its global rows: no collective
-    counts = np.asarray(batch["batch_loss_counts"])
-    length = np.asarray(batch["tokens"]).shape[1]
-    per_group = counts.reshape(mesh.devices.size * micro_batches, -1)
-    most = max(int(per_group.sum(1).max()), 1)
-    cap = min(per_group.shape[1] * length, -(-most // multiple) * multiple)
+    cap = _capacity(batch["batch_loss_counts"], mesh.devices.size * micro_batches,
+                    np.asarray(batch["tokens"]).shape[1], multiple)
   else:
     cap = loss_capacity(batch, groups, multiple)
   if jax.process_count() > 1 and "batch_loss_counts" not in batch:

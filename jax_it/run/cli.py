@@ -157,7 +157,7 @@ def _start(cfg: config.RunConfig, run_dir: str, lead: bool):
   ctx = setup.make_context(cfg, run_dir, training=True)
   summary = setup.data_summary(ctx)
   # the same config can read other files on other hosts: the data must agree too
-  cluster.agree("data", {"data summary": summary, "train records": setup.fingerprint(
+  cluster.agree("data", lambda: {"data summary": summary, "train records": setup.fingerprint(
       ctx.splits["train"])})
   print(f"model: {cfg.model.path} ({ctx.mcfg.family}, {ctx.mcfg.num_layers} layers); held out: "
         f"{len(ctx.splits['test'])} test, {len(ctx.splits['validation'])} validation records",
@@ -183,7 +183,7 @@ def cmd_eval(args) -> int:
     records = data.load_records(dataclasses.replace(cfg.data, path=args.data))
   ctx, adapter = with_adapter(cfg, run_dir)
   records = ctx.splits["test"] if records is None else records
-  cluster.agree("evaluation records", {"records": setup.fingerprint(records)})
+  cluster.agree("evaluation records", lambda: {"records": setup.fingerprint(records)})
   n = cfg.report.eval_samples or len(records)
   result = evaluate.compare(ctx, adapter, records, n)  # every process computes, one writes
   if _lead():

@@ -146,15 +146,18 @@ def _flat(tree, prefix: str = "") -> dict:
   return {prefix[:-1]: tree}
 
 
-def agree(what: str, payload: dict, timeout_s: int = 600) -> None:
+def agree(what: str, payload: dict | Callable[[], dict], timeout_s: int = 600) -> None:
   """Refuse to go on unless every process holds the same `payload` (a nested dict, e.g. the
-  resolved config): a ClusterError naming the differing keys, raised on every process."""
+  resolved config; or a function making it, called only in a multi-process run): a
+  ClusterError naming the differing keys, raised on every process."""
   client = _client()
   if client is None:
     return
   i, n = process()
   if n == 1:
     return
+  if callable(payload):
+    payload = payload()
   _state["agreed"] += 1
   key = f"{_PREFIX}/agree/{_state['agreed']}/"
   mine = json.loads(json.dumps(payload, sort_keys=True, default=str))
