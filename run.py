@@ -1,8 +1,10 @@
-"""jax_it command line: train (default) | eval | generate | export | compare | plan.
+"""jax_it command line: train (default) | data | eval | generate | chat | export | compare | plan.
 
   python run.py [train] [--config FILE] [--run-dir DIR] [section.key=value ...]
+  python run.py data     [--config FILE] [--show N] [section.key=value ...]   what training sees
   python run.py eval     --run-dir DIR [--data FILE]
   python run.py generate --run-dir DIR --prompt TEXT [--input TEXT] [--base]
+  python run.py chat     --run-dir DIR [--system TEXT]    talk to the tuned model (/base, /reset)
   python run.py export   --run-dir DIR --out DIR [--merged]
   python run.py compare  (--run-dir DIR | --config FILE)
   python run.py plan     [--config FILE] [section.key=value ...]   memory per device
@@ -13,7 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-COMMANDS = ("train", "eval", "generate", "export", "compare", "plan")
+COMMANDS = ("train", "data", "eval", "generate", "chat", "export", "compare", "plan")
 
 
 def parse(argv):
@@ -30,9 +32,11 @@ def parse(argv):
   p.add_argument("--config", help="YAML run config (train default: configs/default.yaml)")
   p.add_argument("--run-dir", help="run folder (default: runs/<config name>)")
   p.add_argument("--data", help="eval: a file of records instead of the test split")
-  p.add_argument("--prompt", help="generate: the instruction")
+  p.add_argument("--prompt", help="generate: the instruction (a user turn in a chat format)")
   p.add_argument("--input", default="", help="generate: the optional input")
   p.add_argument("--base", action="store_true", help="generate with the base model too")
+  p.add_argument("--system", help="chat: a system message starting the conversation")
+  p.add_argument("--show", type=int, default=3, help="data: how many records to render")
   p.add_argument("--out", help="export: the output folder")
   p.add_argument("--merged", action="store_true", help="export a merged HF model as well")
   p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -1,9 +1,10 @@
-"""Alpaca data: config, splits, templates, tokenization with loss masks, grain pipelines.
+"""Training data: config, splits, tokenization with loss masks, grain pipelines.
 
-Records ({"instruction", "input", "output"}) come from JSON lists, JSONL or parquet files
-(concatenated in order) or a hub dataset; each is rendered by a template into a prompt and a
-response, tokenized as BOS + prompt + response + EOS and turned into an example of
-`tokens` / `targets` (next token) / `loss_mask` (see jax_it/packing.py for batches).
+Records (instruction records or conversations, jax_it/sources.py) come from JSON lists, JSONL or
+parquet files (concatenated in order), a hub dataset or a generated set; each is rendered by a
+template (jax_it/templates.py) into segments, tokenized as BOS + segments (+ EOS) and turned
+into an example of `tokens` / `targets` (next token) / `loss_mask` (see jax_it/packing.py for
+batches).
 
 Resuming training exactly: the iterator from `make_train_iterator` is a `grain.DatasetIterator`,
 so it goes into the run's orbax checkpoint next to the LoRA state:
@@ -27,16 +28,31 @@ from typing import ClassVar
 import grain
 import numpy as np
 
-from jax_it import packing, schema, synth
+from jax_it import packing, schema, synth, templates
 
 # re-exported: callers catch data.DataError and read data.DataStats from here
-from jax_it.sources import DEFAULT_FIELDS, RECORD_FIELDS, DataError, DataStats, read_records
+from jax_it.sources import (
+  DEFAULT_FIELDS,
+  FORMATS,
+  RECORD_FIELDS,
+  DataError,
+  DataStats,
+  read_records,
+)
+from jax_it.templates import (  # noqa: F401
+  TEMPLATES,
+  ChatTemplate,
+  Template,
+  format_prompt,
+  get_template,
+  tokenize_example,
+)
 
 SPLITS = ("train", "test", "validation")  # the order they are cut from the records
 
 
-NAMED_TEMPLATES = ("alpaca", "reference")
 SYNTH = "synth"  # data.path naming jax_it/synth.py's generated task set
+SYNTH_CHAT = "synth-chat"  # ... and jax_it/synth_chat.py's generated conversations
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,19 +60,26 @@ class DataConfig:
   """The `data` section: where records come from and how they become batches.
 
   `loss_on` and `add_eos` default (None) to the template's own choice: response tokens + EOS
-  for `alpaca` and custom templates; every token and no EOS for `reference`.
+  for `alpaca` and custom templates; every token and no EOS for `reference`; every model turn
+  with its <end_of_turn> for `gemma`.
   """
 
   SECTION: ClassVar[str] = "data"
-  # file(s) in the Alpaca schema concatenated in order, a hub dataset name, or "synth"
+  # file(s) concatenated in order, a hub dataset name, "synth" or "synth-chat"
   path: str | tuple[str, ...] = schema.field(SYNTH)
+  # records: "alpaca" (instruction/input/output), "messages" ([{role, content}]), "sharegpt"
+  # (conversations of {from, value}); "auto" tells them apart by each file's first record
+  format: str = schema.field("auto", choices=FORMATS)
   # record key holding each of instruction / input / output, for files that name them otherwise
   fields: dict[str, str] = schema.field(dict(DEFAULT_FIELDS))
-  # "alpaca" (Stanford), "reference" (the reference run's format) or a custom format string
-  # with an {instruction} placeholder (and optionally {input})
+  # "alpaca" (Stanford), "reference" (the reference run's format), "gemma" (Gemma's chat turns:
+  # conversations, or instruction records as one exchange) or a custom format string with an
+  # {instruction} placeholder (and optionally {input})
   template: str = schema.field("alpaca")
   template_no_input: str | None = schema.field(None)  # custom template for records without input
-  loss_on: str | None = schema.field(None, choices=("response", "all", None))
+  # "assistant" (every model turn / the response; "response" is the same), "last" (the final
+  # model turn only), "all" (every token)
+  loss_on: str | None = schema.field(None, choices=templates.LOSS_ON + (None,))
   add_eos: bool | None = schema.field(None)
   max_len: int = schema.field(1024, check=(lambda v: v >= 2, ">= 2"))
   batch_mode: str = schema.field("pack", choices=("pack", "pad"))
@@ -88,16 +111,23 @@ class DataConfig:
     paths = [self.path] if isinstance(self.path, str) else self.path
     if not paths or not all(p.strip() for p in paths):
       raise schema.error("data", "path", self.path, "a non-empty path or list of paths")
+    named = templates.NAMED_TEMPLATES
     for key in ("template", "template_no_input"):
       text = getattr(self, key)
-      if text is not None and text not in NAMED_TEMPLATES and "{instruction}" not in text:
-        raise schema.error("data", key, text, f"one of {', '.join(NAMED_TEMPLATES)} or a format "
+      if text is not None and text not in named and "{instruction}" not in text:
+        raise schema.error("data", key, text, f"one of {', '.join(named)} or a format "
                            "string with an {instruction} placeholder")
+    if self.template == "gemma" and self.template_no_input is not None:
+      raise schema.error("data", "template_no_input", self.template_no_input,
+                         "null with template gemma (it applies to Alpaca-style templates)")
+    if self.template == "gemma" and self.add_eos:
+      raise schema.error("data", "add_eos", self.add_eos, "null or false with template gemma: "
+                         "model turns end with <end_of_turn>, which is trained on")
 
 
-def load_records(cfg: DataConfig, stats: DataStats | None = None) -> list[dict[str, str]]:
+def load_records(cfg: DataConfig, stats: DataStats | None = None) -> list[dict]:
   """The records of `cfg.path`; see sources.read_records."""
-  return read_records(cfg.path, cfg.fields, cfg.on_error, stats)
+  return read_records(cfg.path, cfg.fields, cfg.on_error, stats, cfg.format)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -118,100 +148,19 @@ def split_records(records: Sequence[dict], cfg: DataConfig) -> dict[str, list[di
 
 def load_splits(cfg: DataConfig, stats: DataStats | None = None) -> dict[str, list[dict]]:
   """train / test / validation records; the synthetic set holds out phrasings for eval splits."""
-  if cfg.path == SYNTH:
-    held_out = synth.generate(2 * cfg.synth_eval, cfg.synth_seed, "eval")
+  if cfg.path in (SYNTH, SYNTH_CHAT):
+    from jax_it import synth_chat  # pylint: disable=g-import-not-at-top
+    gen = synth.generate if cfg.path == SYNTH else synth_chat.generate
+    held_out = gen(2 * cfg.synth_eval, cfg.synth_seed, "eval")
     if stats is not None:
       stats.loaded += cfg.synth_train + len(held_out)
-    return {"train": synth.generate(cfg.synth_train, cfg.synth_seed, "train"),
+    return {"train": gen(cfg.synth_train, cfg.synth_seed, "train"),
             "test": held_out[cfg.synth_eval:], "validation": held_out[:cfg.synth_eval]}
   return split_records(load_records(cfg, stats), cfg)
 
 
 # ---------------------------------------------------------------------------------------------
-# Templates
-
-_PREAMBLE_INPUT = ("Below is an instruction that describes a task, paired with an input that "
-                   "provides further context. Write a response that appropriately completes "
-                   "the request.\n\n")
-_PREAMBLE = ("Below is an instruction that describes a task. Write a response that "
-             "appropriately completes the request.\n\n")
-
-
-_REFERENCE = (_PREAMBLE + "### Instruction: \n{instruction}\n\n###Input: \n{input}"
-              "\n\n### Response:\n")
-
-
-@dataclasses.dataclass(frozen=True)
-class Template:
-  """A prompt format: `with_input` / `no_input` hold {instruction} and {input} placeholders."""
-
-  with_input: str
-  no_input: str
-  add_eos: bool = True
-  loss_on: str = "response"
-
-
-TEMPLATES = {
-    # Stanford Alpaca; the response follows "### Response:" directly
-    "alpaca": Template(
-        with_input=_PREAMBLE_INPUT
-        + "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:",
-        no_input=_PREAMBLE + "### Instruction:\n{instruction}\n\n### Response:"),
-    # the reference run, quirks kept: spaces before the newlines, "###Input", the input block
-    # even when empty, no EOS (so it never learned to stop) and loss on every token
-    "reference": Template(with_input=_REFERENCE, no_input=_REFERENCE, add_eos=False,
-                          loss_on="all"),
-}
-
-
-def get_template(template: str | Template, no_input: str | None = None) -> Template:
-  """A named template ("alpaca", "reference") or a custom one from format strings."""
-  if isinstance(template, Template):
-    return template
-  if template in TEMPLATES and no_input is None:
-    return TEMPLATES[template]
-  for text in (template, no_input):
-    if text is not None and "{instruction}" not in text:
-      raise DataError(f"template {text!r}: expected 'alpaca', 'reference' or a string with an "
-                      "{instruction} placeholder")
-  with_input = TEMPLATES[template].with_input if template in TEMPLATES else template
-  return Template(with_input=with_input, no_input=no_input or with_input)
-
-
-def format_prompt(record: dict[str, str], template: str | Template) -> tuple[str, str]:
-  """(prompt text, response text) of a validated record; the response is the output."""
-  tpl = get_template(template)
-  text = tpl.with_input if record.get("input") else tpl.no_input
-  # replace, not str.format: instructions and custom templates may hold other braces
-  prompt = text.replace("{instruction}", record["instruction"])
-  prompt = prompt.replace("{input}", record.get("input", ""))
-  return prompt, record["output"]
-
-
-# ---------------------------------------------------------------------------------------------
 # Tokenization
-
-
-def tokenize_example(prompt: str, response: str, tokenizer, *, add_eos: bool = True,
-                     loss_on: str = "response") -> dict[str, np.ndarray]:
-  """BOS + prompt + response (+ EOS) as tokens/targets/loss_mask, not yet cut to any length.
-
-  Prompt and response are tokenized separately, so the loss boundary is exactly where the
-  response starts and the prompt tokens match what generation will feed the model.
-  """
-  bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
-  prompt_ids = bos + list(tokenizer.encode(prompt, add_special_tokens=False))
-  response_ids = list(tokenizer.encode(response, add_special_tokens=False))
-  if add_eos:
-    if tokenizer.eos_token_id is None:
-      raise DataError("tokenizer has no eos_token_id; set add_eos=False or use another one")
-    response_ids.append(tokenizer.eos_token_id)
-  seq = np.asarray(prompt_ids + response_ids, np.int32)
-  in_loss = np.ones(len(seq), np.float32)
-  if loss_on == "response":
-    in_loss[:len(prompt_ids)] = 0
-  # position t predicts token t + 1: the last token is never an input, BOS never a target
-  return {"tokens": seq[:-1], "targets": seq[1:], "loss_mask": in_loss[1:]}
 
 
 def fit_to_length(example: dict[str, np.ndarray], max_len: int, truncate: str):
@@ -228,17 +177,17 @@ def _pad_id(tokenizer) -> int:
 
 
 class _Tokenize:
-  """(record id, prompt, response) -> example cut to max_len, or None when dropped."""
+  """(record id, segments) -> example cut to max_len, or None when dropped."""
 
-  def __init__(self, tokenizer, cfg: DataConfig, stats: DataStats, template: Template):
+  def __init__(self, tokenizer, cfg: DataConfig, stats: DataStats):
     self.tokenizer, self.cfg, self.stats = tokenizer, cfg, stats
-    self.add_eos = template.add_eos if cfg.add_eos is None else cfg.add_eos
-    self.loss_on = cfg.loss_on or template.loss_on
+    self.add_eos, self.loss_on = loss_settings(cfg)
 
-  def __call__(self, item: tuple[int, str, str]):
-    rid, prompt, response = item
-    ex = tokenize_example(prompt, response, self.tokenizer, add_eos=self.add_eos,
-                          loss_on=self.loss_on)
+  def __call__(self, item: tuple[int, list]):
+    rid, segments = item
+    ex = templates.tokenize_segments(segments, self.tokenizer, add_eos=self.add_eos,
+                                     loss_on=self.loss_on)
+    self.stats.lengths[rid] = len(ex["tokens"]) + 1  # + the last token, never an input
     fitted = fit_to_length(ex, self.cfg.max_len, self.cfg.truncate)
     if fitted is None:
       self.stats.dropped.add(rid)
@@ -251,9 +200,27 @@ class _Tokenize:
     return dict(fitted, record_ids=np.full(len(fitted["tokens"]), rid + 1, np.int32))
 
 
-def _texts(records: Sequence[dict], cfg: DataConfig) -> list[tuple[int, str, str]]:
-  tpl = get_template(cfg.template, cfg.template_no_input)
-  return [(i, *format_prompt(r, tpl)) for i, r in enumerate(records)]
+def template_of(cfg: DataConfig) -> Template | ChatTemplate:
+  return get_template(cfg.template, cfg.template_no_input)
+
+
+def loss_settings(cfg: DataConfig) -> tuple[bool, str]:
+  """(add_eos, loss_on): the config's, else the template's own."""
+  tpl = template_of(cfg)
+  return (tpl.add_eos if cfg.add_eos is None else cfg.add_eos), (cfg.loss_on or tpl.loss_on)
+
+
+def rendered(records: Sequence[dict], cfg: DataConfig) -> list[tuple[int, list]]:
+  """(record id, rendered segments) per record; a conversation under an Alpaca-style template
+  fails here, before any tokenizing, naming the record."""
+  tpl = template_of(cfg)
+  out = []
+  for i, r in enumerate(records):
+    try:
+      out.append((i, templates.render(r, tpl)))
+    except DataError as e:
+      raise DataError(f"{cfg.path}: record {i}: {e}") from None
+  return out
 
 
 def _shard(process_index: int | None, process_count: int | None) -> tuple[int, int]:
@@ -286,11 +253,10 @@ def train_dataset(records: Sequence[dict], tokenizer, cfg: DataConfig, batch_siz
   pi, pc = _shard(process_index, process_count)
   if batch_size % pc:
     raise DataError(f"a global batch of {batch_size} rows does not split over {pc} processes")
-  template = get_template(cfg.template, cfg.template_no_input)
-  ds = grain.MapDataset.source(_texts(records, cfg))
+  ds = grain.MapDataset.source(rendered(records, cfg))
   if shuffle:  # before repeat: every epoch gets its own permutation and epochs never mix
     ds = ds.shuffle(seed=cfg.seed)
-  ds = ds.repeat(num_epochs).map(_Tokenize(tokenizer, cfg, stats, template))
+  ds = ds.repeat(num_epochs).map(_Tokenize(tokenizer, cfg, stats))
   read = grain.ReadOptions(num_threads=cfg.workers, prefetch_buffer_size=max(16, 4 * cfg.workers))
   it = ds.to_iter_dataset(read)  # drops the Nones of dropped examples
   batches = _batched(it, tokenizer, cfg, batch_size, shuffle)
@@ -339,11 +305,12 @@ def make_train_iterator(cfg: DataConfig, tokenizer, batch_size: int, *,
 def summarize(records: Sequence[dict], tokenizer, cfg: DataConfig, batch_size: int,
               stats: DataStats | None = None) -> dict:
   """What training sees of `records`, measured on one unshuffled epoch as one process: examples
-  kept and dropped (stats gets the ids), tokens, loss tokens, rows, and the share of row
-  positions that hold a real token (the packer or padder the run uses, on rows that hold any)."""
+  kept and dropped (stats gets the ids), percentiles of the records' token lengths before any
+  cut, tokens, loss tokens, rows, and the share of row positions that hold a real token (the
+  packer or padder the run uses, on rows that hold any)."""
   stats = DataStats() if stats is None else stats
-  tok = _Tokenize(tokenizer, cfg, stats, get_template(cfg.template, cfg.template_no_input))
-  examples = [ex for ex in map(tok, _texts(records, cfg)) if ex is not None]
+  tok = _Tokenize(tokenizer, cfg, stats)
+  examples = [ex for ex in map(tok, rendered(records, cfg)) if ex is not None]
   batches = _batched(grain.MapDataset.source(examples).to_iter_dataset(), tokenizer, cfg,
                      batch_size, shuffle=False) if examples else []
   rows = real = positions = 0
@@ -352,7 +319,10 @@ def summarize(records: Sequence[dict], tokenizer, cfg: DataConfig, batch_size: i
     rows += int(used.sum())
     real += int((b["segment_ids"][used] > 0).sum())
     positions += int(b["segment_ids"][used].size)
+  lengths = [stats.lengths[i] for i in range(len(records)) if i in stats.lengths]
+  pct = np.percentile(lengths, [50, 90, 99, 100]).round().astype(int).tolist() if lengths else []
   return {"records": len(records), "examples": len(examples),
+          "length_percentiles": dict(zip(("p50", "p90", "p99", "max"), pct)),
           "tokens": sum(len(ex["tokens"]) for ex in examples),
           "loss_tokens": int(sum(ex["loss_mask"].sum() for ex in examples)),
           "rows": rows, "row_fill": real / max(positions, 1)}
@@ -367,10 +337,10 @@ def eval_batches(records: Sequence[dict], tokenizer, cfg: DataConfig, batch_size
   """
   stats = DataStats() if stats is None else stats
   pi, pc = _shard(process_index, process_count)
-  texts = _texts(records, cfg)
+  texts = rendered(records, cfg)
   per_process = -(-len(texts) // pc)
   mine = texts[pi::pc]
-  tok = _Tokenize(tokenizer, cfg, stats, get_template(cfg.template, cfg.template_no_input))
+  tok = _Tokenize(tokenizer, cfg, stats)
   empty = {k: np.zeros(0, packing.DTYPES[k]) for k in packing.EXAMPLE_KEYS}
   # () stands for "no record here": it pads this process's share up to the common count
   examples = grain.MapDataset.source(mine + [()] * (per_process - len(mine)))

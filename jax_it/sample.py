@@ -1,9 +1,11 @@
-"""KV-cache generation: one jitted prefill, then a compiled decode loop that stops at EOS."""
+"""KV-cache generation: one jitted prefill, then a compiled decode loop that stops at a stop
+token (EOS, a chat format's turn terminator); or token by token for streaming (`stream`)."""
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Iterator, Sequence
 from typing import ClassVar
 
 import jax
@@ -28,7 +30,7 @@ class SampleSpec:
   top_k: int = schema.field(0, check=schema.NON_NEGATIVE)  # 0: no top-k filter
   top_p: float = schema.field(1.0, check=schema.PROBABILITY)
   seed: int = schema.field(0, check=schema.SEED)
-  eos_id: int = schema.field(1, internal=True)  # -1: never stop early
+  stop_ids: tuple[int, ...] = schema.field((1,), internal=True)  # (): never stop early
   pad_id: int = schema.field(0, internal=True)
 
   def __post_init__(self):
@@ -41,7 +43,8 @@ class SampleSpec:
   @property
   def knobs(self) -> dict:
     return {"temperature": jnp.float32(self.temperature or 1.0), "top_p": jnp.float32(self.top_p),
-            "eos_id": jnp.int32(self.eos_id), "pad_id": jnp.int32(self.pad_id)}
+            "stop_ids": jnp.asarray(self.stop_ids or (-1,), jnp.int32),
+            "pad_id": jnp.int32(self.pad_id)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +80,10 @@ def sample_logits(logits: jax.Array, key: jax.Array, shape: DecodeShape,
   return jnp.take_along_axis(ids, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
 
 
+def _is_stop(tok: jax.Array, stops: jax.Array) -> jax.Array:
+  return jnp.any(tok[:, None] == stops[None, :], axis=-1)
+
+
 # ---------------------------------------------------------------------------------------------
 # Prefill and decode
 
@@ -100,14 +107,14 @@ def _prefill(params, lora, tokens, lengths, cfg: ModelConfig, cache_len: int):
                    donate_argnames=("cache",))
 def _decode(params, lora, cache, logits, lengths, key, knobs, cfg: ModelConfig,
             shape: DecodeShape, keep_logits: bool):
-  """Tokens [B, n] (pad after EOS), plus the logits of every step [B, n, V] if keep_logits."""
+  """Tokens [B, n] (pad after a stop token), plus every step's logits [B, n, V] if keep_logits."""
   B, n = lengths.shape[0], shape.max_new_tokens
-  eos, pad = knobs["eos_id"], knobs["pad_id"]
+  stops, pad = knobs["stop_ids"], knobs["pad_id"]
   first = sample_logits(logits, jax.random.fold_in(key, 0), shape, knobs)
   out = jnp.full((B, n), pad, jnp.int32).at[:, 0].set(first)
   seen = jnp.zeros((B, n if keep_logits else 0, logits.shape[-1]), jnp.float32)
   seen = seen.at[:, 0].set(logits) if keep_logits else seen
-  state = (jnp.int32(1), out, first == eos, cache, seen)
+  state = (jnp.int32(1), out, _is_stop(first, stops), cache, seen)
 
   def cond(state):
     i, _, done, _, _ = state
@@ -125,7 +132,7 @@ def _decode(params, lora, cache, logits, lengths, key, knobs, cfg: ModelConfig,
     out = jax.lax.dynamic_update_index_in_dim(out, tok, i, axis=1)
     if keep_logits:
       seen = jax.lax.dynamic_update_index_in_dim(seen, step_logits, i, axis=1)
-    return i + 1, out, done | (tok == eos), cache, seen
+    return i + 1, out, done | _is_stop(tok, stops), cache, seen
 
   _, out, _, cache, seen = jax.lax.while_loop(cond, body, state)
   # returning the cache lets XLA reuse the donated input buffer instead of holding two copies
@@ -150,7 +157,7 @@ def _pad_prompts(prompts: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.
 def generate_arrays(params: Params, cfg: ModelConfig, prompts: list[list[int]], *,
                     lora=None, spec: SampleSpec = SampleSpec(), seed: int = 0,
                     keep_logits: bool = False):
-  """Array-level generation: tokens [B, n] (pad after EOS) and, if asked, logits [B, n, V]."""
+  """Array-level generation: tokens [B, n] (pad after a stop) and, if asked, logits [B, n, V]."""
   tokens, lengths = _pad_prompts(prompts, spec.pad_id)
   if spec.max_new_tokens == 0:
     return np.zeros((len(prompts), 0), np.int32), None
@@ -162,40 +169,84 @@ def generate_arrays(params: Params, cfg: ModelConfig, prompts: list[list[int]], 
   return np.asarray(out), (None if seen is None else np.asarray(seen))
 
 
-def _cut_at_eos(row: np.ndarray, eos_id: int) -> list[int]:
-  hits = np.flatnonzero(row == eos_id)
+def _cut_at_stop(row: np.ndarray, stops: Sequence[int]) -> list[int]:
+  hits = np.flatnonzero(np.isin(row, list(stops)))
   return row[:hits[0] + 1].tolist() if hits.size else row.tolist()
+
+
+def _stops(eos_id: int | Sequence[int] | None) -> tuple[int, ...]:
+  if eos_id is None:
+    return ()
+  return (int(eos_id),) if np.ndim(eos_id) == 0 else tuple(int(i) for i in eos_id)
 
 
 def generate(params: Params, cfg: ModelConfig, prompts: list[list[int]], *, lora=None,
              max_new_tokens: int = 128, temperature: float = 0.0, top_k: int = 0,
-             top_p: float = 1.0, eos_id: int | None = 1, pad_id: int = 0,
+             top_p: float = 1.0, eos_id: int | Sequence[int] | None = 1, pad_id: int = 0,
              seed: int = 0) -> list[list[int]]:
-  """New token ids per prompt (prompt excluded), cut after the first EOS, which is kept.
+  """New token ids per prompt (prompt excluded), cut after the first stop token, which is kept.
 
-  eos_id=None never stops early. A row that ends without EOS ran out of max_new_tokens.
+  eos_id: the stop token id, or several (EOS and a turn terminator); None never stops early.
+  A row that ends without a stop token ran out of max_new_tokens.
   """
-  eos = -1 if eos_id is None else int(eos_id)
   spec = SampleSpec(max_new_tokens=int(max_new_tokens), temperature=float(temperature),
-                    top_k=int(top_k), top_p=float(top_p), seed=int(seed), eos_id=eos,
-                    pad_id=int(pad_id))
+                    top_k=int(top_k), top_p=float(top_p), seed=int(seed),
+                    stop_ids=_stops(eos_id), pad_id=int(pad_id))
   out, _ = generate_arrays(params, cfg, prompts, lora=lora, spec=spec, seed=seed)
-  return [_cut_at_eos(row, eos) for row in out]
+  return [_cut_at_stop(row, spec.stop_ids) for row in out]
+
+
+def prompt_ids(tokenizer, prompt: str) -> list[int]:
+  """BOS + the prompt's tokens (special-token markers in it become their ids)."""
+  if tokenizer.bos_token_id is None:
+    raise ValueError("the tokenizer has no bos_token_id; expected Gemma's BOS")
+  return [tokenizer.bos_token_id] + tokenizer.encode(prompt, add_special_tokens=False)
 
 
 def generate_text(params: Params, cfg: ModelConfig, tokenizer, prompts: list[str],
                   **kw) -> list[tuple[str, bool]]:
-  """(response text, ended_with_eos) per prompt; prompts get BOS and no other special tokens."""
-  if tokenizer.bos_token_id is None:
-    raise ValueError("generate_text: the tokenizer has no bos_token_id; expected Gemma's BOS")
+  """(response text, ended with a stop token) per prompt; prompts get BOS. `eos_id` defaults to
+  the tokenizer's EOS; pass a chat format's stop ids (templates.stop_ids) to stop at turn ends."""
   kw.setdefault("eos_id", tokenizer.eos_token_id)
   if tokenizer.pad_token_id is not None:
     kw.setdefault("pad_id", tokenizer.pad_token_id)
-  ids = [[tokenizer.bos_token_id] + tokenizer.encode(p, add_special_tokens=False)
-         for p in prompts]
+  stops = _stops(kw["eos_id"])
   results = []
-  for row in generate(params, cfg, ids, **kw):
-    stopped = bool(row) and row[-1] == kw["eos_id"]
+  for row in generate(params, cfg, [prompt_ids(tokenizer, p) for p in prompts], **kw):
+    stopped = bool(row) and row[-1] in stops
     text = tokenizer.decode(row[:-1] if stopped else row, skip_special_tokens=True)
     results.append((text, stopped))
   return results
+
+
+# ---------------------------------------------------------------------------------------------
+# Streaming
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "shape"), donate_argnames=("cache",))
+def _step(params, lora, cache, prev, position, key, knobs, cfg: ModelConfig, shape: DecodeShape):
+  """One decode step for a batch of one: the next token after `prev` [1, 1] at `position`."""
+  logits, cache = model.forward(params, prev, cfg, lora=lora, positions=position[None, None],
+                                segment_ids=jnp.ones_like(prev), cache=cache)
+  return sample_logits(logits[:, 0], key, shape, knobs), cache
+
+
+def stream(params: Params, cfg: ModelConfig, prompt: list[int], *, lora=None,
+           spec: SampleSpec = SampleSpec()) -> Iterator[int]:
+  """The new token ids of one prompt, one at a time as they are sampled; stops after a stop
+  token (yielded) or max_new_tokens. Same tokens as `generate` for the same spec and seed."""
+  tokens, lengths = _pad_prompts([prompt], spec.pad_id)
+  n = spec.max_new_tokens
+  if n == 0:
+    return
+  logits, cache = _prefill(params, lora, jnp.asarray(tokens), jnp.asarray(lengths), cfg,
+                           tokens.shape[1] + n)
+  key, knobs, shape = jax.random.key(spec.seed), spec.knobs, spec.shape
+  tok = sample_logits(logits, jax.random.fold_in(key, 0), shape, knobs)
+  for i in range(1, n + 1):
+    t = int(tok[0])
+    yield t
+    if t in spec.stop_ids or i == n:
+      return
+    tok, cache = _step(params, lora, cache, tok[:, None], jnp.int32(len(prompt) + i - 1),
+                       jax.random.fold_in(key, i), knobs, cfg, shape)

@@ -1,4 +1,10 @@
-"""Alpaca records from JSON lists, JSONL, parquet or the hub: read, validated, bad ones reported."""
+"""Records from JSON lists, JSONL, parquet or the hub: read, validated, bad ones reported.
+
+Two kinds of record come out, whatever the file's schema:
+  instruction records  {"instruction", "input", "output"}            (format "alpaca")
+  conversations        {"messages": [{"role", "content"}, ...]}     (formats "messages", "sharegpt")
+with roles normalized to system / user / assistant ("model", ShareGPT's "human"/"gpt" mapped).
+"""
 
 from __future__ import annotations
 
@@ -11,6 +17,13 @@ from typing import Any
 
 RECORD_FIELDS = ("instruction", "input", "output")
 DEFAULT_FIELDS = {k: k for k in RECORD_FIELDS}
+FORMATS = ("auto", "alpaca", "messages", "sharegpt")
+# a format's list key and its turns' (role, content) keys
+_TURN_KEYS = {"messages": ("messages", "role", "content"),
+              "sharegpt": ("conversations", "from", "value")}
+ROLES = {"system": "system", "user": "user", "assistant": "assistant", "model": "assistant"}
+SHAREGPT_ROLES = {**ROLES, "human": "user", "gpt": "assistant", "chatgpt": "assistant",
+                  "bard": "assistant", "bing": "assistant"}
 _HUB_NAME = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
@@ -30,6 +43,8 @@ class DataStats:
   dropped: set[int] = dataclasses.field(default_factory=set)
   # examples left with no loss token once cut to max_len: dropped, never trained as empty targets
   no_loss: set[int] = dataclasses.field(default_factory=set)
+  # record id -> token count before any cut at max_len (the length percentiles)
+  lengths: dict[int, int] = dataclasses.field(default_factory=dict)
 
   def summary(self) -> str:
     return (f"{self.loaded} records loaded, {len(self.skipped)} bad records skipped, "
@@ -37,13 +52,22 @@ class DataStats:
             f"{len(self.no_loss)} dropped with no loss token left")
 
 
-def read_records(path: str | Sequence[str], fields: dict[str, str] | None = None,
-                 on_error: str = "raise", stats: DataStats | None = None) -> list[dict[str, str]]:
-  """All records of `path` (files in order), validated and normalized to RECORD_FIELDS.
+def is_conversation(record: dict) -> bool:
+  return "messages" in record
 
-  `fields` maps instruction/input/output to the records' keys. A bad record raises DataError,
-  or with on_error="skip" is left out and its message appended to `stats.skipped`.
+
+def read_records(path: str | Sequence[str], fields: dict[str, str] | None = None,
+                 on_error: str = "raise", stats: DataStats | None = None,
+                 format: str = "auto") -> list[dict]:  # pylint: disable=redefined-builtin
+  """All records of `path` (files in order), validated and normalized (see the module doc).
+
+  `format` "auto" reads each file by its first record's keys ("messages", "conversations",
+  else Alpaca). `fields` maps instruction/input/output to the keys of Alpaca-format files.
+  A bad record raises DataError, or with on_error="skip" is left out and its message appended
+  to `stats.skipped`.
   """
+  if format not in FORMATS:
+    raise DataError(f"data.format={format!r}: expected one of {', '.join(FORMATS)}")
   stats = DataStats() if stats is None else stats
   paths = [path] if isinstance(path, (str, Path)) else list(path)
   if not paths or not all(str(p).strip() for p in paths):
@@ -54,9 +78,13 @@ def read_records(path: str | Sequence[str], fields: dict[str, str] | None = None
     raw = _read_source(str(one), on_error, stats)
     if not raw:
       raise DataError(f"{one}: no records")
+    kind = detect_format(raw[0][1]) if format == "auto" else format
     for where, rec in raw:
       try:
-        out.append(validate_record(rec, fields, where))
+        if kind == "alpaca":
+          out.append(validate_record(rec, fields, where))
+        else:
+          out.append(validate_conversation(rec, kind, where))
       except DataError as e:
         _skip_or_raise(e, on_error, stats)
   if not out:
@@ -77,7 +105,12 @@ def validate_record(rec: Any, fields: dict[str, str], where: str) -> dict[str, s
       if role == "input":  # a record without an input has an empty one
         out[role] = ""
         continue
-      raise DataError(f"{where}: missing key {key!r} ({role}); record has keys {sorted(rec)}")
+      hint = ""
+      if detect_format(rec) != "alpaca":
+        hint = (f": it is a conversation ({detect_format(rec)} format); set "
+                f"data.format={detect_format(rec)} or auto")
+      raise DataError(f"{where}: missing key {key!r} ({role}); record has keys "
+                      f"{sorted(rec)}{hint}")
     value = rec[key]
     if not isinstance(value, str):
       raise DataError(f"{where}: key {key!r}: expected a string, got {type(value).__name__}")
@@ -85,6 +118,73 @@ def validate_record(rec: Any, fields: dict[str, str], where: str) -> dict[str, s
       raise DataError(f"{where}: key {key!r}: expected a non-empty string, got {value!r}")
     out[role] = value
   return out
+
+
+def detect_format(rec: Any) -> str:
+  """"messages", "sharegpt" or "alpaca", by the keys of one raw record."""
+  if isinstance(rec, dict):
+    for kind, (key, _, _) in _TURN_KEYS.items():
+      if key in rec and not {"instruction", "output"} <= set(rec):
+        return kind
+  return "alpaca"
+
+
+def validate_conversation(rec: Any, kind: str, where: str) -> dict[str, list[dict[str, str]]]:
+  """A conversation record as {"messages": [{"role", "content"}]}, roles system/user/assistant:
+  an optional system turn first, then user and assistant turns alternating from a user turn,
+  with at least one assistant turn (something to train on); DataError naming the key otherwise."""
+  list_key, role_key, content_key = _TURN_KEYS[kind]
+  roles = SHAREGPT_ROLES if kind == "sharegpt" else ROLES
+  if not isinstance(rec, dict) or list_key not in rec:
+    keys = sorted(rec) if isinstance(rec, dict) else type(rec).__name__
+    hint = ("; it is an Alpaca record: set data.format=alpaca or auto"
+            if isinstance(rec, dict) and detect_format(rec) == "alpaca" else "")
+    raise DataError(f"{where}: missing key {list_key!r} ({kind} format); record has {keys}{hint}")
+  turns = rec[list_key]
+  if not isinstance(turns, list) or not turns:
+    raise DataError(f"{where}: key {list_key!r}: expected a non-empty list of turns, got "
+                    f"{turns!r:.80}")
+  messages = []
+  for i, turn in enumerate(turns):
+    at = f"{where}: {list_key}[{i}]"
+    if not isinstance(turn, dict) or role_key not in turn or content_key not in turn:
+      raise DataError(f"{at}: expected an object with keys {role_key!r} and {content_key!r}, "
+                      f"got {turn!r:.80}")
+    role = roles.get(turn[role_key]) if isinstance(turn[role_key], str) else None
+    if role is None:
+      raise DataError(f"{at}.{role_key}: unknown role {turn[role_key]!r}; expected one of "
+                      f"{', '.join(roles)}")
+    content = _text_content(turn[content_key], f"{at}.{content_key}")
+    if not content.strip():
+      raise DataError(f"{at}.{content_key}: empty content")
+    messages.append({"role": role, "content": content})
+  first = 1 if messages[0]["role"] == "system" else 0
+  for i, m in enumerate(messages[first:], first):
+    expected = "user" if (i - first) % 2 == 0 else "assistant"
+    if m["role"] != expected:
+      before = messages[i - 1]["role"] if i else None
+      why = (f"two {before} turns in a row" if before == m["role"] else
+             "a system turn after the first turn" if m["role"] == "system" else
+             "a conversation must start with a user turn (after an optional system turn)")
+      raise DataError(f"{where}: {list_key}[{i}].{role_key}: {why}; expected {expected} turns "
+                      "and model turns to alternate")
+  if not any(m["role"] == "assistant" for m in messages):
+    raise DataError(f"{where}: key {list_key!r}: no model (assistant) turn, nothing to train on")
+  return {"messages": messages}
+
+
+def _text_content(value: Any, at: str) -> str:
+  """A turn's text: a string, or a list of {"type": "text", "text"} parts (each trimmed and
+  joined, as Gemma's chat template renders them)."""
+  if isinstance(value, str):
+    return value
+  if isinstance(value, list) and all(isinstance(p, dict) for p in value):
+    kinds = {p.get("type") for p in value}
+    if kinds <= {"text"} and all(isinstance(p.get("text"), str) for p in value):
+      return "".join(p["text"].strip() for p in value)
+    raise DataError(f"{at}: only text parts are supported, got part types "
+                    f"{sorted(map(str, kinds))}")
+  raise DataError(f"{at}: expected a string or a list of text parts, got {type(value).__name__}")
 
 
 def _skip_or_raise(err: DataError, on_error: str, stats: DataStats) -> None:

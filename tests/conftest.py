@@ -81,3 +81,10 @@ def gemma3_torch(_gemma3_torch_session):
   yield _gemma3_torch_session
   _strip_adapters(_gemma3_torch_session)
   _gemma3_torch_session.eval()
+
+
+@pytest.fixture(scope="session")
+def gemma_tokenizer(gemma3_gguf_path):
+  """The real Gemma 3 tokenizer, built from the packaged GGUF's metadata (cached on disk)."""
+  from jax_it import weights
+  return weights.load_tokenizer(gemma3_gguf_path)

@@ -50,7 +50,7 @@ def params():
 def test_cache_matches_full_forward(params, name):
   cfg, p = CONFIGS[name], params[name]
   prompts = random_prompts([3, 12])
-  spec = sample.SampleSpec(max_new_tokens=N_NEW, eos_id=-1)
+  spec = sample.SampleSpec(max_new_tokens=N_NEW, stop_ids=())
   out, logits = sample.generate_arrays(p, cfg, prompts, spec=spec, keep_logits=True)
   # attention is causal, so one forward over each final sequence gives every step's full
   # recompute (position t sees only tokens 0..t), and right-padding the shorter row changes
@@ -86,6 +86,26 @@ def test_eos_stops_row(params):
     want = row[:row.index(eos) + 1] if eos in row else row
     assert got == want
   assert stopped[0][-1] == eos and len(stopped[0]) <= 6
+  # several stop ids (EOS and a turn terminator): each row stops at the first of either
+  other = free[1][3]
+  both = sample.generate(p, GEMMA2, prompts, max_new_tokens=N_NEW, eos_id=(eos, other))
+  for got, row in zip(both, free):
+    hits = [i for i, t in enumerate(row) if t in (eos, other)]
+    assert got == (row[:hits[0] + 1] if hits else row)
+  assert both[1][-1] in (eos, other) and len(both[1]) <= 4
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_stream_yields_the_tokens_generate_gives(params, temperature):
+  p = params["gemma3"]
+  prompt = random_prompts([7], seed=8)
+  kw = dict(max_new_tokens=N_NEW, temperature=temperature, top_k=20, seed=3)
+  free = sample.generate(p, GEMMA3, prompt, eos_id=None, **kw)[0]
+  spec = sample.SampleSpec(stop_ids=(), **kw)
+  assert list(sample.stream(p, GEMMA3, prompt[0], spec=spec)) == free
+  stop = free[4]
+  spec = sample.SampleSpec(stop_ids=(stop,), **kw)
+  assert list(sample.stream(p, GEMMA3, prompt[0], spec=spec)) == free[:free.index(stop) + 1]
 
 
 def test_loop_ends_when_every_row_has_stopped(params):
@@ -94,7 +114,7 @@ def test_loop_ends_when_every_row_has_stopped(params):
   free = sample.generate(p, GEMMA2, prompt, max_new_tokens=N_NEW, eos_id=None)[0]
   eos = free[2]
   j = free.index(eos)
-  spec = sample.SampleSpec(max_new_tokens=N_NEW, eos_id=eos, pad_id=PAD)
+  spec = sample.SampleSpec(max_new_tokens=N_NEW, stop_ids=(eos,), pad_id=PAD)
   out, logits = sample.generate_arrays(p, GEMMA2, prompt, spec=spec, keep_logits=True)
   assert out[0, :j + 1].tolist() == free[:j + 1]
   assert (out[0, j + 1:] == PAD).all()

@@ -63,15 +63,15 @@ class Checkpointer:
     (lora, opt_state), step = self._first_readable(read, identity)
     return lora, opt_state, step
 
-  def restore_lora(self, lora, identity: dict):
+  def restore_lora(self, lora, identity: dict, hint: str | None = None):
     """Only the adapter of the latest checkpoint that reads (for eval, generate, export)."""
     def read(step):
       return self.manager.restore(step, args=ocp.args.Composite(
           lora=ocp.args.StandardRestore(_abstract(lora))))["lora"]
 
-    return self._first_readable(read, identity)
+    return self._first_readable(read, identity, hint)
 
-  def _first_readable(self, read, identity: dict):
+  def _first_readable(self, read, identity: dict, hint: str | None = None):
     """(read(step), step) for the newest step that reads.
 
     A step that fails to read (a truncated or damaged file) is named, moved aside into
@@ -87,7 +87,7 @@ class Checkpointer:
         raise CheckpointMismatch(f"{self.directory}: {why}")
       try:
         meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-        check_identity(meta["meta"], identity, self.directory)
+        check_identity(meta["meta"], identity, self.directory, hint)
         return read(step), step
       except CheckpointMismatch:
         raise
@@ -118,19 +118,25 @@ def _abstract(tree):
   return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
 
 
-def check_identity(saved: dict, current: dict, where: str):
+def check_identity(saved: dict, current: dict, where: str, hint: str | None = None):
   """Refuse to resume a run whose model, adapter shape or data differ from the checkpoint's.
 
   Only keys both sides have are compared, one level into sections: an option added to the
-  config after the checkpoint was written is no difference.
+  config after the checkpoint was written is no difference. The error names the first
+  differing key (`data.template`) and both values.
   """
+  hint = hint or "use another --run-dir or delete that folder"
   for k in current:
     if k not in saved:
       continue
     a, b = saved[k], current[k]
     if isinstance(a, dict) and isinstance(b, dict):
-      a, b = ({n: d[n] for n in a.keys() & b.keys()} for d in (a, b))
-    if a != b:
+      for n in sorted(a.keys() & b.keys()):
+        if a[n] != b[n]:
+          raise CheckpointMismatch(
+              f"{where} holds checkpoints of a different run ({k}.{n}: saved {a[n]!r}, this "
+              f"run {b[n]!r}); {hint}")
+    elif a != b:
       raise CheckpointMismatch(
           f"{where} holds checkpoints of a different run ({k}: saved {a!r}, this run "
-          f"{b!r}); use another --run-dir or delete that folder")
+          f"{b!r}); {hint}")

@@ -181,6 +181,7 @@ def cmd_eval(args) -> int:
   records = None
   if args.data:  # read before the model loads: a bad file fails in a second, not after it
     records = data.load_records(dataclasses.replace(cfg.data, path=args.data))
+    data.rendered(records, dataclasses.replace(cfg.data, path=args.data))  # in the run's format
   ctx, adapter = with_adapter(cfg, run_dir)
   records = ctx.splits["test"] if records is None else records
   cluster.agree("evaluation records", lambda: {"records": setup.fingerprint(records)})
@@ -230,9 +231,21 @@ def cmd_export(args) -> int:
       merged = multihost_utils.process_allgather(merged, tiled=True)
     if _lead():
       merged_dir = os.path.join(args.out, "merged")
-      hf.save_hf(merged, ctx.mcfg, merged_dir, tokenizer=ctx.tokenizer)
+      hf.save_hf(merged, ctx.mcfg, merged_dir, tokenizer=_with_chat_template(ctx))
       print(f"merged Hugging Face model written to {merged_dir}")
   return 0
+
+
+def _with_chat_template(ctx):
+  """The tokenizer to ship with a merged model: a run tuned in Gemma's chat format gets Gemma's
+  published chat template, so runtimes prompt it in the format it learned."""
+  from jax_it import templates
+  if not isinstance(data.template_of(ctx.cfg.data), templates.ChatTemplate):
+    return ctx.tokenizer
+  import copy
+  tok = copy.copy(ctx.tokenizer)
+  tok.chat_template = templates.GEMMA_CHAT_TEMPLATE
+  return tok
 
 
 def cmd_compare(args) -> int:
@@ -272,5 +285,25 @@ def cmd_plan(args) -> int:
   return 1 if p["fits"] is False else 0
 
 
+def cmd_chat(args) -> int:
+  """A conversation with the run's tuned model in the terminal (one process)."""
+  from jax_it.run import chat
+  if cluster.joined() and cluster.process()[1] > 1:
+    raise UsageError("chat reads the terminal: run it as one process")
+  ctx, adapter = with_adapter(*trained_run(args))
+  return chat.repl(ctx, adapter, system=args.system)
+
+
+def cmd_data(args) -> int:
+  """What training will see of --config's data (default configs/default.yaml); no weights."""
+  from jax_it.run import preview
+  path = args.config or os.path.relpath(default_config())
+  cfg = config.load_config(path, args.overrides)
+  color = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+  if _lead():
+    print(preview.preview(cfg, show=args.show, color=color))
+  return 0
+
+
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "export": cmd_export,
-            "compare": cmd_compare, "plan": cmd_plan}
+            "compare": cmd_compare, "plan": cmd_plan, "chat": cmd_chat, "data": cmd_data}

@@ -1,4 +1,5 @@
-"""Base-vs-tuned evaluation: greedy responses, exact match, EOS stops, response loss, loss plot."""
+"""Base-vs-tuned evaluation: greedy responses, exact match, stops (EOS or the chat format's turn
+terminator), response loss, loss plot."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import os
 
 import jax
 
-from jax_it import data, sample, synth, train
+from jax_it import data, sample, synth, synth_chat, templates, train
 from jax_it.run import metrics
 from jax_it.run.setup import Context
 
@@ -43,34 +44,58 @@ def _eval_fn(mcfg, tcfg):
 
 def responses(ctx: Context, records: list[dict], adapter,
               batch: int = 16) -> list[tuple[str, bool]]:
-  """Greedy (or configured) responses to each record's prompt, in batches."""
-  d, g = ctx.cfg.data, ctx.cfg.generate
-  template = data.get_template(d.template, d.template_no_input)
-  prompts = [data.format_prompt(r, template)[0] for r in records]
+  """Greedy (or configured) responses to each record's prompt (a conversation's turns before
+  its last model turn), in batches; (text, ended with a stop token) each."""
+  g, template = ctx.cfg.generate, data.template_of(ctx.cfg.data)
+  prompts = [templates.format_prompt(r, template)[0] for r in records]
+  stops = templates.stop_ids(template, ctx.tokenizer)
   out = []
   for i in range(0, len(prompts), batch):
     out += sample.generate_text(ctx.params, ctx.mcfg, ctx.tokenizer, prompts[i:i + batch],
                                 lora=adapter, max_new_tokens=g.max_new_tokens,
                                 temperature=g.temperature, top_k=g.top_k, top_p=g.top_p,
-                                seed=g.seed)
+                                seed=g.seed, eos_id=stops)
   return out
+
+
+def _row(record: dict) -> dict:
+  """A record as eval.json shows it: an instruction record's fields, or a conversation's turns
+  before its last model turn and that turn as `output`."""
+  if "messages" not in record:
+    return {"instruction": record["instruction"], "input": record["input"],
+            "output": record["output"]}
+  before, reply = templates.split_last_reply(record)
+  return {"messages": before, "output": reply}
+
+
+def _accuracy(records: list[dict], texts: list[str]) -> float | None:
+  """Exact-match accuracy where the records' answers are checkable (the generated sets)."""
+  if not records or not all("family" in r for r in records):
+    return None
+  convs = [templates.is_conversation(r) for r in records]
+  if all(convs):
+    return synth_chat.accuracy(records, texts)
+  return synth.accuracy(records, texts) if not any(convs) else None
 
 
 def compare(ctx: Context, adapter, records: list[dict], n_generate: int) -> dict:
   """Metrics of base (no adapter) and tuned model on held-out records, and the responses."""
   gen = records[:n_generate]
   result = {"records": len(records), "generated": len(gen), "rows": []}
-  rows = [{"instruction": r["instruction"], "input": r["input"], "output": r["output"]}
-          for r in gen]
+  rows = [_row(r) for r in gen]
+  template = data.template_of(ctx.cfg.data)
+  result["stop_tokens"] = [ctx.tokenizer.convert_ids_to_tokens(i)
+                           for i in templates.stop_ids(template, ctx.tokenizer)]
   for name, a in (("base", None), ("tuned", adapter)):
     res = responses(ctx, gen, a) if gen else []
     for row, (text, stopped) in zip(rows, res):
       row[f"response_{name}"] = text
-      row[f"eos_{name}"] = stopped
+      row[f"eos_{name}"] = stopped  # ended with a stop token (EOS or the turn terminator)
     result[f"loss_{name}"] = eval_loss(ctx, a, records)
     result[f"eos_share_{name}"] = sum(st for _, st in res) / max(len(res), 1)
-    if gen and all("family" in r for r in gen):  # the synthetic set's answers are checkable
-      result[f"accuracy_{name}"] = synth.accuracy(gen, [t for t, _ in res])
+    acc = _accuracy(gen, [t for t, _ in res])
+    if acc is not None:
+      result[f"accuracy_{name}"] = acc
   result["rows"] = rows
   return result
 
@@ -78,8 +103,9 @@ def compare(ctx: Context, adapter, records: list[dict], n_generate: int) -> dict
 def table(result: dict) -> str:
   """A small before/after table (markdown)."""
   lines = ["| metric | base | tuned |", "|---|---|---|"]
+  stops = " or ".join(result.get("stop_tokens") or ["EOS"])
   for key, label, fmt in (("accuracy", "exact-match accuracy", "{:.1%}"),
-                          ("eos_share", "responses ending with EOS", "{:.1%}"),
+                          ("eos_share", f"responses ending with {stops}", "{:.1%}"),
                           ("loss", "response-token loss", "{:.4f}")):
     if f"{key}_base" in result:
       lines.append(f"| {label} | {fmt.format(result[key + '_base'])} | "
@@ -90,7 +116,10 @@ def table(result: dict) -> str:
 def samples(result: dict, show: int) -> str:
   out = []
   for row in result["rows"][:show]:
-    prompt = row["instruction"] + (f"\n  input: {row['input']}" if row["input"] else "")
+    if "messages" in row:
+      prompt = "\n  ".join(f"{m['role']}: {m['content']}" for m in row["messages"])
+    else:
+      prompt = row["instruction"] + (f"\n  input: {row['input']}" if row["input"] else "")
     out.append(f"### {prompt}\n  expected: {row['output']!r}\n"
                f"  base:     {row['response_base']!r}\n  tuned:    {row['response_tuned']!r}")
   return "\n".join(out)

@@ -6,11 +6,12 @@ import dataclasses
 import json
 import math
 import os
+import sys
 
 import jax
 import jax.numpy as jnp
 
-from jax_it import config, data, families, lora, model, train, weights
+from jax_it import config, data, families, lora, model, templates, train, weights
 from jax_it.run import checkpoint
 
 PACKAGED_GEMMA = "gemma3-270m"
@@ -34,17 +35,24 @@ def checkpoint_path(section: config.ModelSection) -> str:
   return packaged_gemma_path() if section.path == PACKAGED_GEMMA else section.path
 
 
+def load_tokenizer(section: config.ModelSection):
+  """The tokenizer of model.path, without its weights (random models borrow the packaged
+  Gemma 3 tokenizer)."""
+  if section.path.startswith("random:"):
+    if section.path.split(":", 1)[1] not in families.PRESETS:
+      raise RunError(f"model.path={section.path!r}: unknown preset; expected one of "
+                     f"{sorted(families.PRESETS)}")
+    return weights.load_tokenizer(packaged_gemma_path())
+  return weights.load_tokenizer(checkpoint_path(section))
+
+
 def load_model(section: config.ModelSection):
   """(params, model config, tokenizer) of model.path: the packaged model, random:<name>, a path."""
   dtype = jnp.bfloat16 if section.dtype == "bfloat16" else jnp.float32
   if section.path.startswith("random:"):
-    name = section.path.split(":", 1)[1]
-    if name not in families.PRESETS:
-      raise RunError(f"model.path={section.path!r}: unknown preset; expected one of "
-                     f"{sorted(families.PRESETS)}")
-    mcfg = families.PRESETS[name]
-    # random models borrow the packaged Gemma 3 tokenizer; the table must cover its ids
-    tokenizer = weights.load_tokenizer(packaged_gemma_path())
+    tokenizer = load_tokenizer(section)
+    mcfg = families.PRESETS[section.path.split(":", 1)[1]]
+    # the random table must cover the borrowed tokenizer's ids
     if mcfg.vocab_size < len(tokenizer):
       mcfg = dataclasses.replace(mcfg, vocab_size=len(tokenizer))
     params = model.init_params(jax.random.key(0), mcfg, dtype)
@@ -99,6 +107,11 @@ def make_context(cfg: config.RunConfig, run_dir: str, training: bool = False) ->
   if training:
     check_devices(cfg)
   params, mcfg, tokenizer = load_model(cfg.model)
+  if cfg.data.template == "gemma":
+    mismatch = templates.differs_from_tokenizer(tokenizer)
+    if mismatch and jax.process_index() == 0:
+      print(f"warning: {mismatch}; this run trains and generates in the gemma format",
+            file=sys.stderr, flush=True)
   mesh = train.make_mesh()
   if cfg.train.parallel == "sharded":
     params = train.shard_params(params, mesh)
@@ -116,16 +129,22 @@ def identity(cfg: config.RunConfig) -> dict:
 
 
 def data_summary(ctx: Context) -> dict:
-  """The train split as training will see it: records read and skipped (with the first reasons),
-  cut or dropped at max_len, dropped with no loss token left, tokens, rows and row fill of an
-  epoch (data.summarize)."""
-  cfg, st = ctx.cfg, ctx.data_stats
+  """The train split as training will see it (see summarize_train)."""
   train_records = ctx.splits["train"]  # reads the records, filling data_stats
-  s = data.summarize(train_records, ctx.tokenizer, cfg.data, cfg.train.batch_size, st)
+  return summarize_train(ctx.cfg, ctx.tokenizer, train_records, ctx.data_stats)
+
+
+def summarize_train(cfg: config.RunConfig, tokenizer, train_records: list[dict],
+                    st: data.DataStats) -> dict:
+  """Records read and skipped (with the first reasons), token-length percentiles, cut or
+  dropped at max_len, dropped with no loss token left, tokens, loss tokens, rows and row fill
+  of an epoch (data.summarize)."""
+  s = data.summarize(train_records, tokenizer, cfg.data, cfg.train.batch_size, st)
   return {"records_read": st.loaded, "skipped": len(st.skipped), "skipped_first": st.skipped[:3],
           "train_records": s["records"], "truncated": len(st.truncated),
           "dropped_too_long": len(st.dropped), "dropped_no_loss_token": len(st.no_loss),
-          "train_examples": s["examples"], "tokens": s["tokens"], "loss_tokens": s["loss_tokens"],
+          "train_examples": s["examples"], "length_percentiles": s["length_percentiles"],
+          "tokens": s["tokens"], "loss_tokens": s["loss_tokens"],
           "rows_per_epoch": s["rows"], "row_fill": s["row_fill"], "max_len": cfg.data.max_len,
           "batch_mode": cfg.data.batch_mode, "truncate": cfg.data.truncate}
 
@@ -143,6 +162,8 @@ def format_data_summary(s: dict) -> str:
       f"{s['train_records']}: {s['truncated']} cut at max_len={s['max_len']}, "
       f"{s['dropped_too_long']} dropped as too long, {s['dropped_no_loss_token']} dropped with "
       f"no loss token left, {s['train_examples']} trained on",
+      "  tokens per record before any cut: " + (", ".join(
+          f"{k} {v:,}" for k, v in s["length_percentiles"].items()) or "none"),
       f"  {s['tokens']:,} tokens, {s['loss_tokens']:,} in the loss "
       f"({s['loss_tokens'] / max(s['tokens'], 1):.1%}); an epoch is {s['rows_per_epoch']} rows "
       f"({s['batch_mode']}), {s['row_fill']:.1%} of their positions real tokens"]
@@ -180,9 +201,13 @@ def load_adapter(ctx: Context, required: bool = True) -> lora.Lora | None:
     if ckpt.latest_step() is None and not required:
       return None
     template = train.replicate(lora.init(jax.random.key(0), ctx.mcfg, ctx.cfg.lora), ctx.mesh)
-    # the adapter's own identity: evaluating on another batch layout or data is no mismatch
-    ident = {k: v for k, v in identity(ctx.cfg).items() if k in ("model", "lora")}
-    adapter, _ = ckpt.restore_lora(template, ident)
+    # the adapter's own identity: evaluating on another batch layout or data is no mismatch,
+    # prompting it in another format than it was trained on is
+    full = identity(ctx.cfg)
+    ident = {"model": full["model"], "lora": full["lora"],
+             "data": {k: full["data"][k] for k in ("template", "template_no_input")}}
+    adapter, _ = ckpt.restore_lora(template, ident, hint=(
+        "generation uses the template the run trained with: drop the data.template override"))
     return adapter
   finally:
     ckpt.close()

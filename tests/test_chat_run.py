@@ -1,0 +1,138 @@
+"""run.py on conversations end to end (tiny random model, Gemma's chat format): train, the
+report's stop share, chat in the terminal, the template recorded by the run, export with the
+chat template, the data preview and its errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(ROOT, "configs", "tiny.yaml")
+CHAT = ["data.path=synth-chat", "data.template=gemma", "data.loss_on=assistant",
+        "generate.max_new_tokens=6"]
+
+
+def run(*args, check=True, stdin=None):
+  out = subprocess.run([sys.executable, os.path.join(ROOT, "run.py"), *args], cwd=ROOT,
+                       capture_output=True, text=True, timeout=600, check=False, input=stdin)
+  if check:
+    assert out.returncode == 0, out.stderr[-3000:]
+  return out
+
+
+@pytest.fixture(scope="module")
+def chat_run(tmp_path_factory):
+  run_dir = str(tmp_path_factory.mktemp("runs") / "chat")
+  out = run("--config", TINY, "--run-dir", run_dir, "--no-progress", *CHAT)
+  return run_dir, out
+
+
+def test_train_on_conversations_reports_the_terminator_share(chat_run):
+  run_dir, out = chat_run
+  assert "| responses ending with <eos> or <end_of_turn> |" in out.stdout, out.stdout
+  rows = json.load(open(os.path.join(run_dir, "eval.json")))
+  assert rows and rows[0]["messages"][-1]["role"] == "user" and rows[0]["output"]
+  summary = json.load(open(os.path.join(run_dir, "data_summary.json")))
+  assert summary["length_percentiles"]["p50"] > 20 and summary["loss_tokens"] > 0
+  metrics = json.load(open(os.path.join(run_dir, "eval_metrics.json")))
+  assert metrics["stop_tokens"] == ["<eos>", "<end_of_turn>"] and "accuracy_tuned" in metrics
+
+
+def test_chat_streams_the_replies_generate_gives(chat_run):
+  run_dir, _ = chat_run
+  out = run("chat", "--run-dir", run_dir,
+            stdin="Say hi\n/reset\n/base\nSay hi\n/reset\n/tuned\nSay hi\n")
+  replies = [line.split("model> ", 1)[1] for line in out.stdout.splitlines() if "model> " in line]
+  assert len(replies) == 3 and "(now the base model, no adapter)" in out.stdout
+  assert "(conversation cleared)" in out.stdout and out.stdout.rstrip().endswith(">")
+  gen = run("generate", "--run-dir", run_dir, "--prompt", "Say hi", "--base").stdout
+  said = {line[1:].split("]")[0].split(",")[0]: line.split("] ", 1)[1]
+          for line in gen.splitlines() if line.startswith("[")}
+  # the first turn of a conversation is the prompt `generate` builds, base and tuned alike
+  assert replies[0] == replies[2] == said["tuned"] and replies[1] == said["base"]
+
+
+def test_chat_keeps_the_history_in_gemma_turns(chat_run):
+  """The second turn's prompt is the whole conversation: the reply equals the eval path's
+  response to the same turns."""
+  import io
+
+  from jax_it import config
+  from jax_it.run import chat, evaluate, setup
+  run_dir, _ = chat_run
+  ctx = setup.make_context(config.load_config(os.path.join(run_dir, "config.yaml"), []), run_dir)
+  adapter = setup.load_adapter(ctx)
+  turns = [{"role": "user", "content": "Remember the word cat."}]
+  first, _ = chat.reply(ctx, adapter, turns, io.StringIO())
+  turns += [{"role": "assistant", "content": first}, {"role": "user", "content": "Which word?"}]
+  shown = io.StringIO()
+  second, stopped = chat.reply(ctx, adapter, turns, shown)
+  record = {"messages": turns + [{"role": "assistant", "content": "(reference)"}]}
+  assert [(second, stopped)] == evaluate.responses(ctx, [record], adapter)
+  assert shown.getvalue() == second  # streamed text is the reply, nothing lost or doubled
+
+
+def test_generation_refuses_another_template_than_the_run_trained_with(chat_run):
+  from jax_it import config
+  from jax_it.run import checkpoint, setup
+  run_dir, _ = chat_run
+  cfg = config.load_config(os.path.join(run_dir, "config.yaml"), ["data.template=alpaca"])
+  with pytest.raises(checkpoint.CheckpointMismatch,
+                     match="data.template: saved 'gemma', this run 'alpaca'"):
+    setup.load_adapter(setup.make_context(cfg, run_dir))
+
+
+def test_merged_export_carries_the_chat_template(chat_run, tmp_path):
+  from transformers import AutoTokenizer
+
+  from jax_it import templates
+  run_dir, _ = chat_run
+  run("export", "--run-dir", run_dir, "--out", str(tmp_path), "--merged")
+  tok = AutoTokenizer.from_pretrained(str(tmp_path / "merged"))
+  msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
+          {"role": "assistant", "content": "4"}]
+  ex = templates.tokenize_segments(templates.render({"messages": msgs}, "gemma"), tok,
+                                   add_eos=False)
+  ids = ex["tokens"].tolist() + ex["targets"][-1:].tolist()
+  assert tok.apply_chat_template(msgs, tokenize=True)["input_ids"] == ids
+
+
+def _conversations(path, n=6, long_at=None):
+  recs = []
+  for i in range(n):
+    user = "word " * 300 if i == long_at else f"What is {i} plus {i}?"
+    recs.append({"messages": [{"role": "user", "content": user},
+                              {"role": "assistant", "content": str(2 * i)}]})
+  path.write_text("\n".join(json.dumps(r) for r in recs))
+  return str(path)
+
+
+def test_data_preview_marks_trained_tokens_and_counts_cuts(tmp_path):
+  from jax_it import config
+  from jax_it.run import preview
+  path = _conversations(tmp_path / "chats.jsonl", long_at=1)
+  cfg = config.load_config(TINY, [f"data.path={path}", "data.template=gemma",
+                                  "data.splits=[1,0,0]", "data.max_len=128", "data.loss_on=null"])
+  text = preview.preview(cfg, show=2)
+  assert "\x1b[" not in text and "\x1b[32m0<end_of_turn>\x1b[0m" in preview.preview(cfg, 1, True)
+  assert "[[0<end_of_turn>]]" in text and "<start_of_turn>model\n[[" in text, text
+  assert "<<< data.max_len=128: training sees nothing after this >>>" in text
+  # the long record's only model turn lies past max_len: dropped and counted, never trained
+  assert "1 dropped with no loss token left, 5 trained on" in text
+  assert "tokens per record before any cut: p50" in text and "in the loss" in text
+
+
+def test_conversations_read_as_alpaca_are_one_line_errors(tmp_path):
+  from jax_it import config, data
+  from jax_it.run import preview
+  path = _conversations(tmp_path / "chats.jsonl")
+  out = run("data", "--config", TINY, f"data.path={path}", "data.format=alpaca", check=False)
+  assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr
+  assert f"{path}: record 0 (line 1): missing key 'instruction'" in out.stderr
+  assert "set data.format=messages" in out.stderr
+  cfg = config.load_config(TINY, [f"data.path={path}", "data.splits=[1,0,0]"])  # alpaca template
+  with pytest.raises(data.DataError, match="record 0: .*set data.template=gemma"):
+    preview.preview(cfg)
