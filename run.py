@@ -2,7 +2,7 @@
 
   python run.py [train] [--config FILE] [--run-dir DIR] [section.key=value ...]
   python run.py data     [--config FILE] [--show N] [section.key=value ...]   what training sees
-  python run.py eval     --run-dir DIR [--data FILE]
+  python run.py eval     --run-dir DIR [--data FILE | --ifeval N]
   python run.py generate --run-dir DIR --prompt TEXT [--input TEXT] [--base]
   python run.py chat     --run-dir DIR [--system TEXT]    talk to the tuned model (/base, /reset)
   python run.py export   --run-dir DIR --out DIR [--merged]
@@ -32,6 +32,8 @@ def parse(argv):
   p.add_argument("--config", help="YAML run config (train default: configs/default.yaml)")
   p.add_argument("--run-dir", help="run folder (default: runs/<config name>)")
   p.add_argument("--data", help="eval: a file of records instead of the test split")
+  p.add_argument("--ifeval", type=int, default=0, metavar="N",
+                 help="eval: N generated prompts with verifiable constraints (IFEval-style)")
   p.add_argument("--prompt", help="generate: the instruction (a user turn in a chat format)")
   p.add_argument("--input", default="", help="generate: the optional input")
   p.add_argument("--base", action="store_true", help="generate with the base model too")

@@ -53,6 +53,7 @@ SPLITS = ("train", "test", "validation")  # the order they are cut from the reco
 
 SYNTH = "synth"  # data.path naming jax_it/synth.py's generated task set
 SYNTH_CHAT = "synth-chat"  # ... and jax_it/synth_chat.py's generated conversations
+SYNTH_IFEVAL = "synth-ifeval"  # ... and jax_it/ifeval's prompts with verifiable constraints
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,7 +66,8 @@ class DataConfig:
   """
 
   SECTION: ClassVar[str] = "data"
-  # file(s) concatenated in order, a hub dataset name, "synth" or "synth-chat"
+  # file(s) concatenated in order, a hub dataset name, or a generated set: "synth" (short
+  # checkable instructions), "synth-chat" (conversations), "synth-ifeval" (verifiable constraints)
   path: str | tuple[str, ...] = schema.field(SYNTH)
   # records: "alpaca" (instruction/input/output), "messages" ([{role, content}]), "sharegpt"
   # (conversations of {from, value}); "auto" tells them apart by each file's first record
@@ -125,9 +127,10 @@ class DataConfig:
                          "model turns end with <end_of_turn>, which is trained on")
 
 
-def load_records(cfg: DataConfig, stats: DataStats | None = None) -> list[dict]:
+def load_records(cfg: DataConfig, stats: DataStats | None = None,
+                 require_output: bool = True) -> list[dict]:
   """The records of `cfg.path`; see sources.read_records."""
-  return read_records(cfg.path, cfg.fields, cfg.on_error, stats, cfg.format)
+  return read_records(cfg.path, cfg.fields, cfg.on_error, stats, cfg.format, require_output)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -148,9 +151,10 @@ def split_records(records: Sequence[dict], cfg: DataConfig) -> dict[str, list[di
 
 def load_splits(cfg: DataConfig, stats: DataStats | None = None) -> dict[str, list[dict]]:
   """train / test / validation records; the synthetic set holds out phrasings for eval splits."""
-  if cfg.path in (SYNTH, SYNTH_CHAT):
-    from jax_it import synth_chat  # pylint: disable=g-import-not-at-top
-    gen = synth.generate if cfg.path == SYNTH else synth_chat.generate
+  if cfg.path in (SYNTH, SYNTH_CHAT, SYNTH_IFEVAL):
+    from jax_it import ifeval, synth_chat  # pylint: disable=g-import-not-at-top
+    gen = {SYNTH: synth.generate, SYNTH_CHAT: synth_chat.generate,
+           SYNTH_IFEVAL: ifeval.generate}[cfg.path]
     held_out = gen(2 * cfg.synth_eval, cfg.synth_seed, "eval")
     if stats is not None:
       stats.loaded += cfg.synth_train + len(held_out)

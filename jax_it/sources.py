@@ -58,13 +58,15 @@ def is_conversation(record: dict) -> bool:
 
 def read_records(path: str | Sequence[str], fields: dict[str, str] | None = None,
                  on_error: str = "raise", stats: DataStats | None = None,
-                 format: str = "auto") -> list[dict]:  # pylint: disable=redefined-builtin
+                 format: str = "auto",  # pylint: disable=redefined-builtin
+                 require_output: bool = True) -> list[dict]:
   """All records of `path` (files in order), validated and normalized (see the module doc).
 
   `format` "auto" reads each file by its first record's keys ("messages", "conversations",
   else Alpaca). `fields` maps instruction/input/output to the keys of Alpaca-format files.
   A bad record raises DataError, or with on_error="skip" is left out and its message appended
-  to `stats.skipped`.
+  to `stats.skipped`. require_output=False (prompts to evaluate without references) accepts
+  instruction records without an output and conversations that end with a user turn.
   """
   if format not in FORMATS:
     raise DataError(f"data.format={format!r}: expected one of {', '.join(FORMATS)}")
@@ -82,9 +84,9 @@ def read_records(path: str | Sequence[str], fields: dict[str, str] | None = None
     for where, rec in raw:
       try:
         if kind == "alpaca":
-          out.append(validate_record(rec, fields, where))
+          out.append(validate_record(rec, fields, where, require_output))
         else:
-          out.append(validate_conversation(rec, kind, where))
+          out.append(validate_conversation(rec, kind, where, require_output))
       except DataError as e:
         _skip_or_raise(e, on_error, stats)
   if not out:
@@ -93,7 +95,8 @@ def read_records(path: str | Sequence[str], fields: dict[str, str] | None = None
   return out
 
 
-def validate_record(rec: Any, fields: dict[str, str], where: str) -> dict[str, str]:
+def validate_record(rec: Any, fields: dict[str, str], where: str,
+                    require_output: bool = True) -> dict[str, str]:
   """The record as {"instruction", "input", "output"}, or DataError saying what is wrong."""
   if not isinstance(rec, dict):
     raise DataError(f"{where}: expected an object with keys {list(fields.values())}, "
@@ -102,8 +105,8 @@ def validate_record(rec: Any, fields: dict[str, str], where: str) -> dict[str, s
   for role in RECORD_FIELDS:
     key = fields[role]
     if key not in rec:
-      if role == "input":  # a record without an input has an empty one
-        out[role] = ""
+      if role == "input" or (role == "output" and not require_output):
+        out[role] = ""  # a record without an input has an empty one
         continue
       hint = ""
       if detect_format(rec) != "alpaca":
@@ -129,7 +132,8 @@ def detect_format(rec: Any) -> str:
   return "alpaca"
 
 
-def validate_conversation(rec: Any, kind: str, where: str) -> dict[str, list[dict[str, str]]]:
+def validate_conversation(rec: Any, kind: str, where: str,
+                          require_output: bool = True) -> dict[str, list[dict[str, str]]]:
   """A conversation record as {"messages": [{"role", "content"}]}, roles system/user/assistant:
   an optional system turn first, then user and assistant turns alternating from a user turn,
   with at least one assistant turn (something to train on); DataError naming the key otherwise."""
@@ -168,6 +172,8 @@ def validate_conversation(rec: Any, kind: str, where: str) -> dict[str, list[dic
              "a conversation must start with a user turn (after an optional system turn)")
       raise DataError(f"{where}: {list_key}[{i}].{role_key}: {why}; expected {expected} turns "
                       "and model turns to alternate")
+  if not require_output and messages[-1]["role"] == "user":
+    return {"messages": messages}  # a prompt: the model's reply is what is asked for
   if not any(m["role"] == "assistant" for m in messages):
     raise DataError(f"{where}: key {list_key!r}: no model (assistant) turn, nothing to train on")
   return {"messages": messages}

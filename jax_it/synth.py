@@ -13,6 +13,8 @@ import json
 import random
 from collections.abc import Callable
 
+from jax_it import scoring
+
 SPLITS = ("train", "eval")
 
 WORDS = (
@@ -366,15 +368,10 @@ def generate(n: int, seed: int = 0, split: str = "train") -> list[dict]:
   return records
 
 
+def answer(record: dict) -> str:
+  return record["output"]
+
+
 def is_correct(record: dict, response: str) -> bool:
   """Whether `response` is exactly the record's answer, ignoring surrounding whitespace."""
-  return response.strip() == record["output"].strip()
-
-
-def accuracy(records: list[dict], responses: list[str]) -> float:
-  """Fraction of `responses` that are correct for the matching `records`."""
-  if len(records) != len(responses):
-    raise ValueError(f"{len(records)} records but {len(responses)} responses")
-  if not records:
-    return 0.0
-  return sum(map(is_correct, records, responses)) / len(records)
+  return scoring.strict(answer(record), response)

@@ -14,6 +14,7 @@ import dataclasses
 import random
 from collections.abc import Callable
 
+from jax_it import scoring
 from jax_it.synth import ANIMALS, COLORS, NAMES, OPPOSITE, WORDS
 
 SPLITS = ("train", "eval")
@@ -338,13 +339,4 @@ def prompt_messages(record: dict) -> list[dict]:
 
 def is_correct(record: dict, response: str) -> bool:
   """Whether `response` is exactly the record's answer, ignoring surrounding whitespace."""
-  return response.strip() == answer(record).strip()
-
-
-def accuracy(records: list[dict], responses: list[str]) -> float:
-  """Fraction of `responses` that are correct for the matching `records`."""
-  if len(records) != len(responses):
-    raise ValueError(f"{len(records)} records but {len(responses)} responses")
-  if not records:
-    return 0.0
-  return sum(map(is_correct, records, responses)) / len(records)
+  return scoring.strict(answer(record), response)

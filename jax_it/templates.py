@@ -179,8 +179,11 @@ def as_messages(record: dict) -> list[dict]:
 
 
 def split_last_reply(record: dict) -> tuple[list[dict], str]:
-  """(the turns before the last model turn, that turn's content): a prompt and its reference."""
+  """(the turns before the last model turn, that turn's content): a prompt and its reference.
+  A conversation that ends with a user turn is all prompt, with no reference ("")."""
   messages = as_messages(record)
+  if messages[-1]["role"] == "user":
+    return messages, ""
   last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
   return messages[:last], messages[last]["content"]
 

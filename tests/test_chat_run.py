@@ -136,3 +136,24 @@ def test_conversations_read_as_alpaca_are_one_line_errors(tmp_path):
   cfg = config.load_config(TINY, [f"data.path={path}", "data.splits=[1,0,0]"])  # alpaca template
   with pytest.raises(data.DataError, match="record 0: .*set data.template=gemma"):
     preview.preview(cfg)
+
+
+def test_eval_of_prompts_without_references_and_of_ifeval_prompts(chat_run, tmp_path, capsys):
+  import argparse
+
+  from jax_it.run import cli
+  run_dir, _ = chat_run
+  prompts = tmp_path / "prompts.jsonl"
+  prompts.write_text("\n".join(json.dumps({"messages": [{"role": "user", "content": q}]})
+                               for q in ("Hi", "Name a colour.")))
+  args = dict(command="eval", config=None, run_dir=run_dir, no_progress=True,
+              overrides=["generate.max_new_tokens=5", "report.eval_samples=0"])
+  assert cli.cmd_eval(argparse.Namespace(**args, data=str(prompts), ifeval=0)) == 0
+  metrics = json.load(open(os.path.join(run_dir, "eval_metrics.json")))
+  assert metrics["generated"] == 2 and metrics["loss_tuned"] is None
+  assert "ROUGE-L: not every record has a reference output" in capsys.readouterr().out
+  assert metrics["text_tuned"]["n"] == 2 and "rouge_l" not in metrics["text_tuned"]
+  assert cli.cmd_eval(argparse.Namespace(**args, data=None, ifeval=3)) == 0
+  metrics = json.load(open(os.path.join(run_dir, "eval_metrics.json")))
+  assert metrics["ifeval_tuned"]["n_prompts"] == 3 and metrics["max_new_tokens"] == 5
+  assert "| prompts, loose |" in open(os.path.join(run_dir, "report.md")).read()

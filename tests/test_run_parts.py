@@ -9,13 +9,14 @@ import jax
 import numpy as np
 import pytest
 
-from jax_it import config, data
+from jax_it import config, data, scoring
 from jax_it.run import checkpoint, cli, compare, evaluate, metrics, setup
 
 
 def _args(**kw):
-  base = dict(command="train", config=None, run_dir=None, data=None, prompt=None, input="",
-              base=False, out=None, merged=False, no_progress=True, overrides=[])
+  base = dict(command="train", config=None, run_dir=None, data=None, ifeval=0, prompt=None,
+              input="", base=False, out=None, merged=False, no_progress=True, overrides=[],
+              system=None, show=3)
   return argparse.Namespace(**{**base, **kw})
 
 
@@ -119,19 +120,29 @@ def test_commands_without_a_checkpoint_stop_before_loading_the_model(tmp_path, m
 
 
 def test_evaluation_files_and_report(tmp_path):
-  rows = [{"instruction": "Add 2 and 3.", "input": "", "output": "5", "response_base": "2 + 3",
-           "eos_base": False, "response_tuned": "5", "eos_tuned": True}]
-  result = {"records": 4, "generated": 1, "rows": rows, "loss_base": 2.5, "loss_tuned": 0.5,
-            "eos_share_base": 0.0, "eos_share_tuned": 1.0, "accuracy_base": 0.0,
-            "accuracy_tuned": 1.0}
+  rows = [{"instruction": "Add 2 and 3.", "input": "", "output": "5", "response_base": "2 + 3 = 5",
+           "eos_base": False, "response_tuned": "5", "eos_tuned": True},
+          {"instruction": "Name a colour.", "input": "", "output": "red", "response_base": "red",
+           "eos_base": False, "response_tuned": "blue", "eos_tuned": True}]
+  refs, base, tuned = ([r[k] for r in rows] for k in ("output", "response_base", "response_tuned"))
+  result = {"records": 4, "generated": 2, "rows": rows, "loss_base": 2.5, "loss_tuned": 0.5,
+            "eos_share_base": 0.0, "eos_share_tuned": 1.0, "max_new_tokens": 24,
+            "answers": scoring.answer_metrics(refs, base, tuned, ["add", "colour"]),
+            "text_base": scoring.text_metrics(refs, base, [False, False]),
+            "text_tuned": scoring.text_metrics(refs, tuned, [True, True])}
   (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n'
                                           '{"step": 1, "val_loss": 1.0}\n')
   text = evaluate.write(result, str(tmp_path), show=1)
-  assert "| exact-match accuracy | 0.0% | 100.0% |" in text
+  assert "| exact match (strict) | 50.0% | 50.0% |" in text
+  assert "| answer anywhere in the response (the base's best reading) | 100.0% | 50.0% |" in text
+  assert "| regressions: base had the answer, tuned is wrong | | 1 of 2 |" in text
+  assert "| colour | 1 | 100.0% | 100.0% | 0.0% | 1 |" in text
   assert "| response-token loss | 2.5000 | 0.5000 |" in text and "expected: '5'" in text
+  assert "| ending in a repetition loop | 0.0% | 0.0% |" in text and "ROUGE-L" in text
   assert json.loads((tmp_path / "eval.json").read_text()) == rows
   assert json.loads((tmp_path / "eval_metrics.json").read_text())["loss_tuned"] == 0.5
   assert (tmp_path / "loss.png").stat().st_size > 1000
+  assert (tmp_path / "lengths.png").stat().st_size > 1000
 
 
 def test_compare_report_and_float32_terms():
@@ -159,10 +170,16 @@ def test_eval_data_file_is_read_before_the_model(tmp_path, monkeypatch):
   run_dir = tmp_path / "run"
   config.save_config(config.load_config(None, []), str(run_dir / "config.yaml"))
   (run_dir / "checkpoints" / "3").mkdir(parents=True)
-  bad = tmp_path / "bad.json"
-  bad.write_text('[{"instruction": "x"}]')
   monkeypatch.setattr(setup, "load_model", lambda section: pytest.fail("model loaded"))
-  with pytest.raises(data.DataError, match=r"bad.json: record 0: missing key 'output'"):
-    cli.cmd_eval(_args(command="eval", run_dir=str(run_dir), data=str(bad)))
+  for text, message in (('[{"output": "x"}]', r"bad.json: record 0: missing key 'instruction'"),
+                        ("[]", "bad.json: no records"),
+                        ('{"instruction": "x"}', "expected a JSON list of records")):
+    (tmp_path / "bad.json").write_text(text)
+    with pytest.raises(data.DataError, match=message):
+      cli.cmd_eval(_args(command="eval", run_dir=str(run_dir), data=str(tmp_path / "bad.json")))
+  (tmp_path / "prompts.json").write_text('[{"instruction": "no output: a prompt alone"}]')
+  with pytest.raises(cli.UsageError, match="generate.max_new_tokens=0"):
+    cli.cmd_eval(_args(command="eval", run_dir=str(run_dir), data=str(tmp_path / "prompts.json"),
+                       overrides=["generate.max_new_tokens=0"]))
   np.testing.assert_equal(sorted(p.name for p in run_dir.iterdir()), ["checkpoints",
                                                                      "config.yaml"])

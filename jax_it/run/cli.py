@@ -175,13 +175,27 @@ def _start(cfg: config.RunConfig, run_dir: str, lead: bool):
   return ctx, setup.total_steps(ctx, summary)
 
 
+# the eval of open-ended records: a limit long enough to see whether a model stops
+LONG_EVAL_TOKENS = 512
+
+
 def cmd_eval(args) -> int:
+  from jax_it import ifeval
   from jax_it.run import evaluate
   cfg, run_dir = trained_run(args)
   records = None
+  if args.data or args.ifeval:
+    if not any(o.startswith("generate.max_new_tokens=") for o in args.overrides):
+      cfg = dataclasses.replace(cfg, generate=dataclasses.replace(
+          cfg.generate, max_new_tokens=LONG_EVAL_TOKENS))
   if args.data:  # read before the model loads: a bad file fails in a second, not after it
-    records = data.load_records(dataclasses.replace(cfg.data, path=args.data))
-    data.rendered(records, dataclasses.replace(cfg.data, path=args.data))  # in the run's format
+    where = dataclasses.replace(cfg.data, path=args.data)
+    records = data.load_records(where, require_output=False)
+    data.rendered(records, where)  # in the run's format, or an error naming the record
+  elif args.ifeval:
+    records = ifeval.generate(args.ifeval, cfg.data.seed, "eval")
+  if cfg.generate.max_new_tokens == 0:  # said now, not after the model has loaded
+    raise UsageError("eval generates responses, but generate.max_new_tokens=0; give a limit")
   ctx, adapter = with_adapter(cfg, run_dir)
   records = ctx.splits["test"] if records is None else records
   cluster.agree("evaluation records", lambda: {"records": setup.fingerprint(records)})

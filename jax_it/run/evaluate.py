@@ -8,7 +8,7 @@ import os
 
 import jax
 
-from jax_it import data, sample, synth, synth_chat, templates, train
+from jax_it import data, ifeval, sample, scoring, templates, train
 from jax_it.run import metrics
 from jax_it.run.setup import Context
 
@@ -68,49 +68,111 @@ def _row(record: dict) -> dict:
   return {"messages": before, "output": reply}
 
 
-def _accuracy(records: list[dict], texts: list[str]) -> float | None:
-  """Exact-match accuracy where the records' answers are checkable (the generated sets)."""
-  if not records or not all("family" in r for r in records):
-    return None
-  convs = [templates.is_conversation(r) for r in records]
-  if all(convs):
-    return synth_chat.accuracy(records, texts)
-  return synth.accuracy(records, texts) if not any(convs) else None
+def _references(records: list[dict]) -> list[str]:
+  return [templates.split_last_reply(r)[1] for r in records]
 
 
 def compare(ctx: Context, adapter, records: list[dict], n_generate: int) -> dict:
-  """Metrics of base (no adapter) and tuned model on held-out records, and the responses."""
+  """Metrics of base (no adapter) and tuned model on held-out records, and the responses:
+  response loss and the text metrics of scoring.text_metrics (ROUGE-L and lengths against the
+  references where every record has one); on the generated sets the three answer readings,
+  regressions and per-family figures; on IFEval-style records (with `constraints`) strict and
+  loose instruction following."""
   gen = records[:n_generate]
+  refs = _references(gen)
+  has_refs = bool(gen) and all(refs) and all(_references(records))
   result = {"records": len(records), "generated": len(gen), "rows": []}
+  if not has_refs:
+    result["skipped"] = ["response loss, reference lengths and ROUGE-L: not every record has a "
+                         "reference output"]
   rows = [_row(r) for r in gen]
   template = data.template_of(ctx.cfg.data)
   result["stop_tokens"] = [ctx.tokenizer.convert_ids_to_tokens(i)
                            for i in templates.stop_ids(template, ctx.tokenizer)]
+  result["max_new_tokens"] = ctx.cfg.generate.max_new_tokens
+  texts = {}
   for name, a in (("base", None), ("tuned", adapter)):
     res = responses(ctx, gen, a) if gen else []
     for row, (text, stopped) in zip(rows, res):
       row[f"response_{name}"] = text
       row[f"eos_{name}"] = stopped  # ended with a stop token (EOS or the turn terminator)
-    result[f"loss_{name}"] = eval_loss(ctx, a, records)
+    texts[name] = [t for t, _ in res]
+    result[f"loss_{name}"] = eval_loss(ctx, a, records) if has_refs else None
     result[f"eos_share_{name}"] = sum(st for _, st in res) / max(len(res), 1)
-    acc = _accuracy(gen, [t for t, _ in res])
-    if acc is not None:
-      result[f"accuracy_{name}"] = acc
+    result[f"text_{name}"] = scoring.text_metrics(refs if has_refs else None, texts[name],
+                                                  [st for _, st in res])
+  if gen and all("constraints" in r for r in gen):
+    for name in texts:
+      result[f"ifeval_{name}"] = ifeval.score(gen, texts[name])
+  elif gen and has_refs and all("family" in r for r in gen):  # answers checkable exactly
+    result["answers"] = scoring.answer_metrics(refs, texts["base"], texts["tuned"],
+                                               groups=[r["family"] for r in gen])
+    for name in texts:
+      result[f"accuracy_{name}"] = result["answers"][f"strict_{name}"]
   result["rows"] = rows
   return result
 
 
+def _pct(v) -> str:
+  return "-" if v is None else f"{v:.1%}"
+
+
 def table(result: dict) -> str:
-  """A small before/after table (markdown)."""
+  """The before/after tables (markdown): the headline, then answers per family, open-ended
+  text, instruction following, as far as the result holds them."""
   lines = ["| metric | base | tuned |", "|---|---|---|"]
   stops = " or ".join(result.get("stop_tokens") or ["EOS"])
-  for key, label, fmt in (("accuracy", "exact-match accuracy", "{:.1%}"),
-                          ("eos_share", f"responses ending with {stops}", "{:.1%}"),
-                          ("loss", "response-token loss", "{:.4f}")):
+  ans = result.get("answers", {})
+  for key, label, fmt in (
+      ("strict", "exact match (strict)", _pct),
+      ("first_line", "answer as the first line (case, spaces, punctuation ignored)", _pct),
+      ("contains", "answer anywhere in the response (the base's best reading)", _pct)):
+    if f"{key}_base" in ans:
+      lines.append(f"| {label} | {fmt(ans[key + '_base'])} | {fmt(ans[key + '_tuned'])} |")
+  rows = [("eos_share", f"responses ending with {stops}", _pct),
+          ("loss", "response-token loss", lambda v: "-" if v is None else f"{v:.4f}")]
+  for key, label, fmt in rows:
     if f"{key}_base" in result:
-      lines.append(f"| {label} | {fmt.format(result[key + '_base'])} | "
-                   f"{fmt.format(result[key + '_tuned'])} |")
-  return "\n".join(lines)
+      lines.append(f"| {label} | {fmt(result[key + '_base'])} | {fmt(result[key + '_tuned'])} |")
+  if "regressions" in ans:
+    lines.append(f"| regressions: base had the answer, tuned is wrong | | {ans['regressions']} "
+                 f"of {ans['n']} |")
+  out = ["\n".join(lines)]
+  if ans.get("per_group"):
+    fam = ["| family | n | strict base | contains base | strict tuned | regressions |",
+           "|---|---|---|---|---|---|"]
+    for g, m in ans["per_group"].items():
+      fam.append(f"| {g} | {m['n']} | {_pct(m['strict_base'])} | {_pct(m['contains_base'])} | "
+                 f"{_pct(m['strict_tuned'])} | {m['regressions']} |")
+    out.append("\n".join(fam))
+  if "text_base" in result:
+    tb, tt = result["text_base"], result["text_tuned"]
+    text = [f"| responses (limit {result.get('max_new_tokens')} new tokens) | base | tuned |",
+            "|---|---|---|",
+            f"| median length, characters (reference: "
+            f"{tb.get('reference_median_chars', '-')}) | {tb['median_chars']} | "
+            f"{tt['median_chars']} |",
+            f"| within 3x the reference's length + 200 characters | "
+            f"{_pct(tb.get('within_3x_reference'))} | {_pct(tt.get('within_3x_reference'))} |",
+            f"| ending in a repetition loop | {_pct(tb['loops'])} | {_pct(tt['loops'])} |"]
+    if "rouge_l" in tb:
+      text.append(f"| ROUGE-L F1 against the reference | {tb['rouge_l']:.3f} | "
+                  f"{tt['rouge_l']:.3f} |")
+    out.append("\n".join(text))
+  if "ifeval_base" in result:
+    ib, it = result["ifeval_base"], result["ifeval_tuned"]
+    ife = [f"| instruction following ({ib['n_prompts']} prompts) | base | tuned |",
+           "|---|---|---|"]
+    for key, label in (("prompt_strict", "prompts, strict"), ("prompt_loose", "prompts, loose"),
+                       ("instruction_strict", "constraints, strict"),
+                       ("instruction_loose", "constraints, loose")):
+      ife.append(f"| {label} | {_pct(ib[key])} | {_pct(it[key])} |")
+    for kind in sorted(ib["per_kind"]):
+      b, t = ib["per_kind"][kind], it["per_kind"][kind]
+      ife.append(f"| `{kind}` (n={b['n']}), loose | {_pct(b['loose'])} | {_pct(t['loose'])} |")
+    out.append("\n".join(ife))
+  out += [f"skipped: {why}" for why in result.get("skipped", [])]
+  return "\n\n".join(out)
 
 
 def samples(result: dict, show: int) -> str:
@@ -137,7 +199,36 @@ def write(result: dict, run_dir: str, show: int) -> str:
   with open(os.path.join(run_dir, "report.md"), "w") as f:
     f.write(text)
   plot_losses(run_dir)
+  plot_lengths(result, run_dir)
   return text
+
+
+def plot_lengths(result: dict, run_dir: str) -> str | None:
+  """lengths.png: the distribution of response lengths (characters) of base, tuned and the
+  reference, so a model that never stops shows as a pile at the generation limit."""
+  rows = result["rows"]
+  if not rows:
+    return None
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  series = {"base": [len(r["response_base"]) for r in rows],
+            "tuned": [len(r["response_tuned"]) for r in rows]}
+  if all(r["output"] for r in rows):
+    series["reference"] = [len(r["output"]) for r in rows]
+  fig, ax = plt.subplots(figsize=(6, 4))
+  top = max(max(v) for v in series.values()) or 1
+  bins = [top * i / 30 for i in range(31)]
+  for name, lengths in series.items():
+    ax.hist(lengths, bins=bins, histtype="step", linewidth=1.5, label=name)
+  ax.set_xlabel(f"response length, characters (limit {result.get('max_new_tokens')} tokens)")
+  ax.set_ylabel("responses")
+  ax.legend()
+  out = os.path.join(run_dir, "lengths.png")
+  fig.savefig(out, dpi=100, bbox_inches="tight")
+  plt.close(fig)
+  return out
 
 
 def plot_losses(run_dir: str) -> str | None:
