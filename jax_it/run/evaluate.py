@@ -45,17 +45,15 @@ def _eval_fn(mcfg, tcfg):
 def responses(ctx: Context, records: list[dict], adapter,
               batch: int = 16) -> list[tuple[str, bool]]:
   """Greedy (or configured) responses to each record's prompt (a conversation's turns before
-  its last model turn), in batches; (text, ended with a stop token) each."""
+  its last model turn), `batch` rows decoding at a time; (text, ended with a stop token)."""
   g, template = ctx.cfg.generate, data.template_of(ctx.cfg.data)
   prompts = [templates.format_prompt(r, template)[0] for r in records]
   stops = templates.stop_ids(template, ctx.tokenizer)
-  out = []
-  for i in range(0, len(prompts), batch):
-    out += sample.generate_text(ctx.params, ctx.mcfg, ctx.tokenizer, prompts[i:i + batch],
-                                lora=adapter, max_new_tokens=g.max_new_tokens,
-                                temperature=g.temperature, top_k=g.top_k, top_p=g.top_p,
-                                seed=g.seed, eos_id=stops)
-  return out
+  # all prompts in one call: a row that stops frees its slot for the next prompt
+  return sample.generate_text(ctx.params, ctx.mcfg, ctx.tokenizer, prompts, lora=adapter,
+                              max_new_tokens=g.max_new_tokens, temperature=g.temperature,
+                              top_k=g.top_k, top_p=g.top_p, seed=g.seed, eos_id=stops,
+                              batch=batch)
 
 
 def _row(record: dict) -> dict:
