@@ -39,6 +39,9 @@ import time
 
 import common  # benchmarks/ is on sys.path when this file is run as a script
 
+# "new" is this checkout's jax_it, whichever copy an editable install points at
+sys.path.insert(0, str(common.HERE.parent))
+
 OLD_REV = "ba9be81"  # the last commit before the queue: one batch, one compiled loop
 BATCH = 16  # evaluate.py's batch, and the new path's slots
 

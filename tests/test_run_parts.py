@@ -127,6 +127,7 @@ def test_evaluation_files_and_report(tmp_path):
   refs, base, tuned = ([r[k] for r in rows] for k in ("output", "response_base", "response_tuned"))
   result = {"records": 4, "generated": 2, "rows": rows, "loss_base": 2.5, "loss_tuned": 0.5,
             "eos_share_base": 0.0, "eos_share_tuned": 1.0, "max_new_tokens": 24,
+            "generate_seconds_base": 61.24, "generate_seconds_tuned": 9.0,
             "answers": scoring.answer_metrics(refs, base, tuned, ["add", "colour"]),
             "text_base": scoring.text_metrics(refs, base, [False, False]),
             "text_tuned": scoring.text_metrics(refs, tuned, [True, True])}
@@ -139,6 +140,7 @@ def test_evaluation_files_and_report(tmp_path):
   assert "| colour | 1 | 100.0% | 100.0% | 0.0% | 1 |" in text
   assert "| response-token loss | 2.5000 | 0.5000 |" in text and "expected: '5'" in text
   assert "| ending in a repetition loop | 0.0% | 0.0% |" in text and "ROUGE-L" in text
+  assert "| generation wall time (compiles included) | 61 s | 9 s |" in text
   assert json.loads((tmp_path / "eval.json").read_text()) == rows
   assert json.loads((tmp_path / "eval_metrics.json").read_text())["loss_tuned"] == 0.5
   assert (tmp_path / "loss.png").stat().st_size > 1000

@@ -166,9 +166,9 @@ def _cut(rows, stops):
 
 def test_queue_gives_each_row_its_tokens_alone(params):
   p = params["gemma3"]
-  # 9 prompts through 4 slots, 3 steps a chunk: slots refill, the batch shrinks to 2 at the end;
-  # lengths 1 (nothing to prefill) to 70 (a second prompt bucket) share batches
-  prompts = random_prompts([3, 17, 70, 1, 9, 30, 2, 65, 5], seed=10)
+  # 12 prompts through 8 slots, 3 steps a chunk: slots refill, the batch shrinks to 2 at the
+  # end; lengths 1 (nothing to prefill) to 70 (a second prompt bucket) share batches
+  prompts = random_prompts([3, 17, 70, 1, 9, 30, 2, 65, 5, 12, 4, 40], seed=10)
   # the one-batch loop, whose rows equal each prompt alone (test_batched_equals_alone)
   spec = sample.SampleSpec(max_new_tokens=N_NEW, stop_ids=())
   free = _cut(sample.generate_arrays(p, GEMMA3, prompts, spec=spec)[0], ())
@@ -177,7 +177,7 @@ def test_queue_gives_each_row_its_tokens_alone(params):
   spec = dataclasses.replace(spec, stop_ids=stops)
   want = _cut(sample.generate_arrays(p, GEMMA3, prompts, spec=spec)[0], stops)
   assert len({len(w) for w in want}) >= 4 and N_NEW in map(len, want)
-  got = sample.generate(p, GEMMA3, prompts, max_new_tokens=N_NEW, eos_id=stops, batch=4,
+  got = sample.generate(p, GEMMA3, prompts, max_new_tokens=N_NEW, eos_id=stops, batch=8,
                         chunk=3)
   assert got == want
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import jax
 
@@ -90,7 +91,10 @@ def compare(ctx: Context, adapter, records: list[dict], n_generate: int) -> dict
   result["max_new_tokens"] = ctx.cfg.generate.max_new_tokens
   texts = {}
   for name, a in (("base", None), ("tuned", adapter)):
+    start = time.perf_counter()
     res = responses(ctx, gen, a) if gen else []
+    # wall seconds of the whole generation (compiles included): what a user waits for
+    result[f"generate_seconds_{name}"] = round(time.perf_counter() - start, 1)
     for row, (text, stopped) in zip(rows, res):
       row[f"response_{name}"] = text
       row[f"eos_{name}"] = stopped  # ended with a stop token (EOS or the turn terminator)
@@ -128,7 +132,9 @@ def table(result: dict) -> str:
     if f"{key}_base" in ans:
       lines.append(f"| {label} | {fmt(ans[key + '_base'])} | {fmt(ans[key + '_tuned'])} |")
   rows = [("eos_share", f"responses ending with {stops}", _pct),
-          ("loss", "response-token loss", lambda v: "-" if v is None else f"{v:.4f}")]
+          ("loss", "response-token loss", lambda v: "-" if v is None else f"{v:.4f}"),
+          ("generate_seconds", "generation wall time (compiles included)",
+           lambda v: f"{v:.0f} s")]
   for key, label, fmt in rows:
     if f"{key}_base" in result:
       lines.append(f"| {label} | {fmt(result[key + '_base'])} | {fmt(result[key + '_tuned'])} |")
