@@ -1,10 +1,12 @@
-"""jax_it command line: train (default) | data | eval | generate | chat | export | compare | plan.
+"""jax_it command line: train (default) | data | eval | generate | chat | serve | export | compare |
+plan.
 
   python run.py [train] [--config FILE] [--run-dir DIR] [section.key=value ...]
   python run.py data     [--config FILE] [--show N] [section.key=value ...]   what training sees
-  python run.py eval     --run-dir DIR [--data FILE | --ifeval N]
+  python run.py eval     --run-dir DIR [--data FILE | --ifeval N] [--judge URL [--judge-model M]]
   python run.py generate --run-dir DIR --prompt TEXT [--input TEXT] [--base]
   python run.py chat     --run-dir DIR [--system TEXT]    talk to the tuned model (/base, /reset)
+  python run.py serve    --run-dir DIR [--port P]    the OpenAI API of the base and tuned model
   python run.py export   --run-dir DIR --out DIR [--merged]
   python run.py compare  (--run-dir DIR | --config FILE)
   python run.py plan     [--config FILE] [section.key=value ...]   memory per device
@@ -15,7 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-COMMANDS = ("train", "data", "eval", "generate", "chat", "export", "compare", "plan")
+COMMANDS = ("train", "data", "eval", "generate", "chat", "serve", "export", "compare", "plan")
 
 
 def parse(argv):
@@ -34,10 +36,22 @@ def parse(argv):
   p.add_argument("--data", help="eval: a file of records instead of the test split")
   p.add_argument("--ifeval", type=int, default=0, metavar="N",
                  help="eval: N generated prompts with verifiable constraints (IFEval-style)")
+  p.add_argument("--judge", metavar="URL",
+                 help="eval: score responses with the model behind this OpenAI-compatible URL")
+  p.add_argument("--judge-model", metavar="NAME",
+                 help="eval: the judge's model name (default: the first the server lists)")
+  p.add_argument("--judge-prompt", metavar="FILE",
+                 help="eval: a 0-100 scoring prompt instead of the packaged judge_score.txt")
+  p.add_argument("--judge-pair-prompt", metavar="FILE",
+                 help="eval: a pairwise prompt instead of the packaged judge_pair.txt")
   p.add_argument("--prompt", help="generate: the instruction (a user turn in a chat format)")
   p.add_argument("--input", default="", help="generate: the optional input")
   p.add_argument("--base", action="store_true", help="generate with the base model too")
   p.add_argument("--system", help="chat: a system message starting the conversation")
+  p.add_argument("--port", type=int, default=8000, help="serve: the port (0: any free one)")
+  p.add_argument("--host", default="127.0.0.1", help="serve: the address to listen on")
+  p.add_argument("--max-tokens", type=int, default=1024, metavar="N",
+                 help="serve: the most new tokens one request may ask for")
   p.add_argument("--show", type=int, default=3, help="data: how many records to render")
   p.add_argument("--out", help="export: the output folder")
   p.add_argument("--merged", action="store_true", help="export a merged HF model as well")

@@ -183,6 +183,7 @@ def cmd_eval(args) -> int:
   from jax_it import ifeval
   from jax_it.run import evaluate
   cfg, run_dir = trained_run(args)
+  judge = _judge_of(args)  # its prompts read now: a missing file fails before the model loads
   records = None
   if args.data or args.ifeval:
     if not any(o.startswith("generate.max_new_tokens=") for o in args.overrides):
@@ -202,8 +203,25 @@ def cmd_eval(args) -> int:
   n = cfg.report.eval_samples or len(records)
   result = evaluate.compare(ctx, adapter, records, n)  # every process computes, one writes
   if _lead():
+    if judge:
+      print(f"judging {result['generated']} records at {judge.url}", flush=True)
+      result["judge"] = judge.evaluate(result["rows"])
     print(evaluate.write(result, run_dir, cfg.report.show))
   return 0
+
+
+def _judge_of(args):
+  """The judge client of --judge (None without it)."""
+  from jax_it import judge
+  url = getattr(args, "judge", None)  # namespaces built by hand may lack the judge options
+  if not url:
+    return None
+  try:
+    return judge.Judge(url, getattr(args, "judge_model", None),
+                       score_prompt=getattr(args, "judge_prompt", None),
+                       pair_prompt=getattr(args, "judge_pair_prompt", None))
+  except judge.JudgeError as e:
+    raise UsageError(str(e)) from None
 
 
 def _lead() -> bool:
@@ -308,6 +326,22 @@ def cmd_chat(args) -> int:
   return chat.repl(ctx, adapter, system=args.system)
 
 
+def cmd_serve(args) -> int:
+  """The run's base and tuned model behind an OpenAI-compatible API until interrupted."""
+  if cluster.joined() and cluster.process()[1] > 1:
+    raise UsageError("serve runs as one process")
+  if args.max_tokens < 1:
+    raise UsageError(f"--max-tokens={args.max_tokens}: expected at least 1")
+  from jax_it.run import serve
+  cfg, run_dir = trained_run(args)
+  sock = serve.bind(args.host, args.port)  # before the model loads: a busy port fails at once
+  try:
+    ctx, adapter = with_adapter(cfg, run_dir)
+    return serve.serve(ctx, adapter, sock, serve.Limits(max_tokens=args.max_tokens))
+  finally:
+    sock.close()
+
+
 def cmd_data(args) -> int:
   """What training will see of --config's data (default configs/default.yaml); no weights."""
   from jax_it.run import preview
@@ -320,4 +354,5 @@ def cmd_data(args) -> int:
 
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "export": cmd_export,
-            "compare": cmd_compare, "plan": cmd_plan, "chat": cmd_chat, "data": cmd_data}
+            "compare": cmd_compare, "plan": cmd_plan, "chat": cmd_chat, "data": cmd_data,
+            "serve": cmd_serve}

@@ -175,8 +175,33 @@ def table(result: dict) -> str:
       b, t = ib["per_kind"][kind], it["per_kind"][kind]
       ife.append(f"| `{kind}` (n={b['n']}), loose | {_pct(b['loose'])} | {_pct(t['loose'])} |")
     out.append("\n".join(ife))
+  if "judge" in result:
+    out.append(judge_table(result["judge"]))
   out += [f"skipped: {why}" for why in result.get("skipped", [])]
   return "\n\n".join(out)
+
+
+def judge_table(j: dict) -> str:
+  """The judge's figures: mean scores, the pairwise tally and win rate, what went unjudged."""
+  def score(s):
+    ci = "" if s["ci95"] is None else f" ({s['ci95'][0]:.1f}-{s['ci95'][1]:.1f})"
+    return "-" if s["mean"] is None else f"{s['mean']:.1f}{ci}, n={s['n']}"
+  pw, sb, st = j["pairwise"], j["score_base"], j["score_tuned"]
+  rate = "-" if pw["win_rate"] is None else (
+      f"{pw['win_rate']:.1%} ({pw['ci95'][0]:.1%}-{pw['ci95'][1]:.1%})")
+  lines = [f"| judge: {j['model']} at {j['url']} | base | tuned |", "|---|---|---|",
+           f"| mean score 0-100 (95% interval) | {score(sb)} | {score(st)} |",
+           f"| scores unjudged | {sb['unjudged']} | {st['unjudged']} |",
+           f"| pairwise, both orders agreeing: wins / ties / losses of tuned | | {pw['wins']} / "
+           f"{pw['ties']} / {pw['losses']} (orders disagreed: {pw['order_disagreements']}) |",
+           f"| tuned win rate, a tie counting half (95% Wilson interval) | | {rate} |",
+           f"| pairs unjudged | | {pw['unjudged']} of {j['records']} |"]
+  notes = [f"judge: {j['unjudged']} of {j['judgements']} judgements unjudged"]
+  notes += [f"  {n} x {why}" for why, n in j.get("unjudged_reasons", {}).items()]
+  notes += [f"  gave up: {j['gave_up']}"] if j.get("gave_up") else []
+  notes.append(f"judge prompts: {j['prompts']['score']['source']}, "
+               f"{j['prompts']['pair']['source']}; parsing: {j['parsing']}")
+  return "\n".join(lines) + "\n\n" + "\n".join(notes)
 
 
 def samples(result: dict, show: int) -> str:
@@ -200,8 +225,11 @@ def write(result: dict, run_dir: str, show: int) -> str:
     json.dump(json.loads(metrics.strict_json(summary)), f, indent=1)
   text = (f"Held-out records: {result['records']} (loss), {result['generated']} generated\n\n"
           f"{table(result)}\n\n{samples(result, show)}\n")
+  prompts = "".join(  # the judge's prompts in full: its figures read against them
+      f"\n## Judge prompt: {k} ({p['source']})\n\n```\n{p['text'].strip()}\n```\n"
+      for k, p in result.get("judge", {}).get("prompts", {}).items())
   with open(os.path.join(run_dir, "report.md"), "w") as f:
-    f.write(text)
+    f.write(text + prompts)
   plot_losses(run_dir)
   plot_lengths(result, run_dir)
   return text
