@@ -187,11 +187,17 @@ def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=jnp.float32) -> 
 
 
 def _update_cache(cache, k, v):
-  """Write this call's keys/values at the cache index; return what attention reads."""
-  idx = cache["index"]
-  k_all = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), idx, 1)
-  v_all = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), idx, 1)
-  return k_all, v_all, {"k": k_all, "v": v_all}
+  """Write this call's keys/values [B, T, K, H] into layer `cache["layer"]` of the stacked
+  cache [L, B, S, K, H] at the cache index, in place; return that layer's keys and values (what
+  attention reads) and the stack. Only the T new slots are written: the stack travels through
+  the layer loop as its carry, so no step copies the whole cache."""
+  idx, i = cache["index"], cache["layer"]
+  zero = jnp.zeros((), jnp.int32)
+  at = (i, zero, idx, zero, zero)
+  k_all = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype)[None], at)
+  v_all = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype)[None], at)
+  layer = lambda a: jax.lax.dynamic_index_in_dim(a, i, 0, keepdims=False)  # noqa: E731
+  return layer(k_all), layer(v_all), {"k": k_all, "v": v_all}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -260,23 +266,22 @@ def hidden_states(params: Params, tokens: jax.Array, cfg: ModelConfig, *, lora=N
   # residuals the backward pass stacks again, i.e. a per-step copy of every layer weight.
   layers = ops.carry(params["layers"], cfg.kernels)
 
-  def body(x, xs):
-    i, lw, is_local, layer_kv, key = xs
+  def body(carry, xs):
+    x, kv = carry  # kv: the whole stacked cache, updated in place layer by layer (or None)
+    i, lw, is_local, key = xs
     p = ops.take_layer(layers, i)
     adapter = None
     if lw is not None:
       adapter = lora_lib.LayerAdapter(lw, lora.cfg.scale,
                                       lora.cfg.dropout if key is not None else 0.0, key)
-    layer_cache = None
-    if layer_kv is not None:
-      layer_cache = dict(layer_kv, index=cache["index"])
+    layer_cache = None if kv is None else dict(kv, index=cache["index"], layer=i)
     pick = lambda a, b: a if a is b else jnp.where(is_local, a, b)  # noqa: E731
     sin, cos = (pick(a, b) for a, b in zip(rope_local, rope_global))
-    return _layer(x, p, adapter, cfg, pick(bias_local, bias_global), sin, cos, layer_cache)
+    return _layer(x, p, adapter, cfg, pick(bias_local, bias_global), sin, cos, layer_cache), None
 
   if remat:
     body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
-  x, new_kv = jax.lax.scan(body, x, (jnp.arange(cfg.num_layers), lora_w, local, kv, keys))
+  (x, new_kv), _ = jax.lax.scan(body, (x, kv), (jnp.arange(cfg.num_layers), lora_w, local, keys))
   x = rms_norm(x, params["final_norm"]["scale"], cfg.norm_eps)
   if cache is None:
     return x
