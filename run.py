@@ -7,7 +7,7 @@ plan.
   python run.py generate --run-dir DIR --prompt TEXT [--input TEXT] [--base]
   python run.py chat     --run-dir DIR [--system TEXT]    talk to the tuned model (/base, /reset)
   python run.py serve    --run-dir DIR [--port P]    the OpenAI API of the base and tuned model
-  python run.py export   --run-dir DIR --out DIR [--merged]
+  python run.py export   --run-dir DIR --out DIR [--merged] [--gguf [--gguf-type T]]
   python run.py compare  (--run-dir DIR | --config FILE)
   python run.py plan     [--config FILE] [section.key=value ...]   memory per device
 """
@@ -55,6 +55,10 @@ def parse(argv):
   p.add_argument("--show", type=int, default=3, help="data: how many records to render")
   p.add_argument("--out", help="export: the output folder")
   p.add_argument("--merged", action="store_true", help="export a merged HF model as well")
+  p.add_argument("--gguf", action="store_true",
+                 help="export the merged model as a llama.cpp GGUF file as well")
+  p.add_argument("--gguf-type", default="f16", choices=("bf16", "f16", "q8_0"),
+                 help="export --gguf: the type of the weight matrices (default: f16)")
   p.add_argument("--no-progress", action="store_true", help="no progress bar")
   p.add_argument("overrides", nargs="*", help="section.key=value config overrides")
   return p.parse_intermixed_args(argv)

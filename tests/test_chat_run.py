@@ -85,12 +85,19 @@ def test_generation_refuses_another_template_than_the_run_trained_with(chat_run)
     setup.load_adapter(setup.make_context(cfg, run_dir))
 
 
-def test_merged_export_carries_the_chat_template(chat_run, tmp_path):
+def test_merged_and_gguf_exports_carry_the_chat_template(chat_run, tmp_path):
+  """export --merged --gguf: the HF folder's tokenizer renders the turns the run trained on, and
+  the GGUF file gives the tuned model's logits and carries Gemma's chat template."""
+  import jax.numpy as jnp
+  import numpy as np
   from transformers import AutoTokenizer
 
-  from jax_it import templates
+  from jax_it import config, model, templates, weights
+  from jax_it.ckpt import gguf_write
+  from jax_it.run import setup
   run_dir, _ = chat_run
-  run("export", "--run-dir", run_dir, "--out", str(tmp_path), "--merged")
+  out = run("export", "--run-dir", run_dir, "--out", str(tmp_path), "--merged", "--gguf",
+            "--gguf-type", "q8_0")
   tok = AutoTokenizer.from_pretrained(str(tmp_path / "merged"))
   msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
           {"role": "assistant", "content": "4"}]
@@ -98,6 +105,17 @@ def test_merged_export_carries_the_chat_template(chat_run, tmp_path):
                                    add_eos=False)
   ids = ex["tokens"].tolist() + ex["targets"][-1:].tolist()
   assert tok.apply_chat_template(msgs, tokenize=True)["input_ids"] == ids
+
+  path = str(tmp_path / "model-q8_0.gguf")
+  assert f"merged GGUF model written to {path}" in out.stdout
+  params, cfg = weights.load(path)
+  ctx = setup.make_context(config.load_config(os.path.join(run_dir, "config.yaml"), []), run_dir)
+  x = jnp.asarray(np.random.RandomState(0).randint(0, 1000, (2, 16)))
+  want = model.forward(ctx.params, x, ctx.mcfg, lora=setup.load_adapter(ctx))
+  err = float(jnp.max(jnp.abs(model.forward(params, x, cfg) - want)) / jnp.max(jnp.abs(want)))
+  assert cfg.family == ctx.mcfg.family and err < 5e-2  # q8_0's tolerance
+  fields = gguf_write._StringsReader(path).fields
+  assert fields["tokenizer.chat_template"] == templates.GEMMA_CHAT_TEMPLATE
 
 
 def _conversations(path, n=6, long_at=None):

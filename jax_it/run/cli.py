@@ -248,24 +248,67 @@ def cmd_export(args) -> int:
   if not args.out:
     raise UsageError("export needs --out DIR")
   cfg, run_dir = trained_run(args)
+  gguf = getattr(args, "gguf", False)  # namespaces built by hand may lack the GGUF options
+  if gguf:
+    _check_gguf_quant(cfg, run_dir)
   # merging needs the float base, also for runs that trained on an int8 one
   cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, quant="none"))
   ctx, adapter = with_adapter(cfg, run_dir)
+  if gguf:  # a family or config the file cannot describe fails before anything is written
+    from jax_it.ckpt import gguf_write
+    gguf_write.check(ctx.mcfg, args.gguf_type)
   if _lead():
     lora.save_peft(adapter, ctx.mcfg, args.out, base_model=cfg.model.path)
     print(f"PEFT adapter written to {args.out}")
+  if not (args.merged or gguf):
+    return 0
+  merged = lora.merge(ctx.params, adapter)  # computed by every process, written by one
+  import jax
+  if jax.process_count() > 1:  # sharded params: each host holds a part; gather them whole
+    from jax.experimental import multihost_utils
+    merged = multihost_utils.process_allgather(merged, tiled=True)
+  if not _lead():
+    return 0
   if args.merged:
     from jax_it.ckpt import hf
-    merged = lora.merge(ctx.params, adapter)  # computed by every process, written by one
-    import jax
-    if jax.process_count() > 1:  # sharded params: each host holds a part; gather them whole
-      from jax.experimental import multihost_utils
-      merged = multihost_utils.process_allgather(merged, tiled=True)
-    if _lead():
-      merged_dir = os.path.join(args.out, "merged")
-      hf.save_hf(merged, ctx.mcfg, merged_dir, tokenizer=_with_chat_template(ctx))
-      print(f"merged Hugging Face model written to {merged_dir}")
+    merged_dir = os.path.join(args.out, "merged")
+    hf.save_hf(merged, ctx.mcfg, merged_dir, tokenizer=_with_chat_template(ctx))
+    print(f"merged Hugging Face model written to {merged_dir}")
+  if gguf:
+    path = _save_gguf(ctx, merged, args.out, args.gguf_type)
+    print(f"merged GGUF model written to {path}")
   return 0
+
+
+def _check_gguf_quant(cfg: config.RunConfig, run_dir: str):
+  """A run tuned on a quantized base is refused before any model loads: its adapter learned to
+  correct that base, and merged into the float one it is not the model that was evaluated."""
+  if cfg.model.quant != "none":
+    raise UsageError(
+        f"export --gguf: {run_dir}/config.yaml has model.quant={cfg.model.quant!r}; GGUF export "
+        "supports model.quant=none (the adapter was tuned on the quantized base); add the "
+        "override model.quant=none to merge it into the float base anyway")
+
+
+def _save_gguf(ctx, merged, out: str, gguf_type: str) -> str:
+  """OUT/model-<type>.gguf: the tokenizer copied from the base's GGUF file when it is one (the
+  exact fields llama.cpp wrote), else rebuilt from the transformers tokenizer."""
+  from pathlib import Path
+
+  from jax_it.ckpt import gguf as ckpt_gguf
+  from jax_it.ckpt import gguf_write
+  source = setup.checkpoint_path(ctx.cfg.model)
+  if source.startswith("random:"):  # random models borrow the packaged tokenizer
+    source = setup.packaged_gemma_path()
+  base_gguf = ckpt_gguf.find(Path(source))
+  vocab = (gguf_write.vocab_from_gguf(base_gguf) if base_gguf is not None
+           else gguf_write.vocab_from_hf(ctx.tokenizer))
+  os.makedirs(out, exist_ok=True)
+  path = os.path.join(out, f"model-{gguf_type}.gguf")
+  gguf_write.save_gguf(merged, ctx.mcfg, path, vocab, gguf_type=gguf_type,
+                       chat_template=_with_chat_template(ctx).chat_template,
+                       name=os.path.basename(os.path.normpath(ctx.run_dir)))
+  return path
 
 
 def _with_chat_template(ctx):
