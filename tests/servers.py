@@ -1,5 +1,7 @@
 """One tiny trained run (random Gemma 2, Gemma's chat format) and one `run.py serve` process on
-it, shared by test_serve.py and test_judge.py: training and loading cost most of their time."""
+it, shared by test_chat_run.py, test_serve.py and test_judge.py: training, loading and compiling
+cost most of their time, so the session trains once and its processes share JAX's compilation
+cache."""
 
 import atexit
 import os
@@ -12,7 +14,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "tiny.yaml")
 RUN = ["data.path=synth-chat", "data.template=gemma", "data.loss_on=assistant",
        "data.synth_train=16", "data.synth_eval=4", "train.max_steps=2", "train.eval_every=0",
-       "checkpoint.every=2", "report.eval_samples=0", "generate.max_new_tokens=8"]
+       "checkpoint.every=2", "report.eval_samples=2", "generate.max_new_tokens=8"]
 
 _shared: dict = {}
 
@@ -39,12 +41,20 @@ def run_py(*args, check=True, timeout=600, **kw) -> subprocess.CompletedProcess:
 
 def trained_run(tmp_path_factory) -> str:
   """The run directory, trained on first use in this pytest session."""
+  return trained(tmp_path_factory)["run_dir"]
+
+
+def trained(tmp_path_factory) -> dict:
+  """The session's run: run_dir, the training command's stdout and the report files as training
+  left them (later tests evaluate again into the same directory)."""
   if "run_dir" not in _shared:
     _shared["cache"] = str(tmp_path_factory.getbasetemp() / "jax_cache")
     run_dir = str(tmp_path_factory.getbasetemp() / "serve_run")
-    run_py("--config", TINY, "--run-dir", run_dir, "--no-progress", *RUN)
-    _shared["run_dir"] = run_dir
-  return _shared["run_dir"]
+    out = run_py("--config", TINY, "--run-dir", run_dir, "--no-progress", *RUN)
+    _shared["run_dir"], _shared["train_stdout"] = run_dir, out.stdout
+    _shared["train_files"] = {name: open(os.path.join(run_dir, name)).read() for name in
+                              ("eval.json", "eval_metrics.json", "data_summary.json")}
+  return {k: _shared[k] for k in ("run_dir", "train_stdout", "train_files")}
 
 
 def start(run_dir: str, log: str, *extra: str) -> tuple[subprocess.Popen, str]:

@@ -4,40 +4,34 @@ chat template, the data preview and its errors."""
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
+import servers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "tiny.yaml")
-CHAT = ["data.path=synth-chat", "data.template=gemma", "data.loss_on=assistant",
-        "generate.max_new_tokens=6"]
 
 
 def run(*args, check=True, stdin=None):
-  out = subprocess.run([sys.executable, os.path.join(ROOT, "run.py"), *args], cwd=ROOT,
-                       capture_output=True, text=True, timeout=600, check=False, input=stdin)
-  if check:
-    assert out.returncode == 0, out.stderr[-3000:]
-  return out
+  return servers.run_py(*args, check=check, input=stdin)
 
 
 @pytest.fixture(scope="module")
 def chat_run(tmp_path_factory):
-  run_dir = str(tmp_path_factory.mktemp("runs") / "chat")
-  out = run("--config", TINY, "--run-dir", run_dir, "--no-progress", *CHAT)
-  return run_dir, out
+  """The session's tiny chat run (tests/servers.py): (run_dir, what training wrote)."""
+  trained = servers.trained(tmp_path_factory)
+  return trained["run_dir"], trained
 
 
 def test_train_on_conversations_reports_the_terminator_share(chat_run):
-  run_dir, out = chat_run
-  assert "| responses ending with <eos> or <end_of_turn> |" in out.stdout, out.stdout
-  rows = json.load(open(os.path.join(run_dir, "eval.json")))
+  _, trained = chat_run
+  out, files = trained["train_stdout"], trained["train_files"]
+  assert "| responses ending with <eos> or <end_of_turn> |" in out, out
+  rows = json.loads(files["eval.json"])
   assert rows and rows[0]["messages"][-1]["role"] == "user" and rows[0]["output"]
-  summary = json.load(open(os.path.join(run_dir, "data_summary.json")))
+  summary = json.loads(files["data_summary.json"])
   assert summary["length_percentiles"]["p50"] > 20 and summary["loss_tokens"] > 0
-  metrics = json.load(open(os.path.join(run_dir, "eval_metrics.json")))
+  metrics = json.loads(files["eval_metrics.json"])
   assert metrics["stop_tokens"] == ["<eos>", "<end_of_turn>"] and "accuracy_tuned" in metrics
 
 
