@@ -136,7 +136,7 @@ def child_steps(case: str, steps: int) -> dict:
   out.update(load_s=time.perf_counter() - t, peak_load=proc_status("VmHWM"),
              rss_loaded=proc_status("VmRSS"))
   optimizer, _ = train.optimizer(cfg.train, max(cfg.train.max_steps, 1))
-  adapter = lora.init(jax.random.key(cfg.lora.seed), mcfg, cfg.lora)
+  adapter = lora.init(jax.random.key(cfg.lora.seed), mcfg, cfg.lora, params=params)
   adapter, opt_state = train.replicate(adapter, mesh), train.replicate(optimizer.init(adapter),
                                                                        mesh)
   step = train.make_train_step(mcfg, optimizer, mesh, cfg.train, remat=cfg.model.remat)
@@ -187,7 +187,7 @@ def child_reuse(spec: str) -> dict:
     if not hasattr(step, "jitted"):  # until make_train_step exposes it, its closure holds it
       step.jitted = next(c.cell_contents for c in step.__closure__
                          if hasattr(c.cell_contents, "lower"))
-    adapter = lora.init(jax.random.key(cfg.lora.seed), mcfg, cfg.lora)
+    adapter = lora.init(jax.random.key(cfg.lora.seed), mcfg, cfg.lora, params=params)
     state = train.replicate(adapter, mesh), train.replicate(optimizer.init(adapter), mesh)
     batches = [train.prepare_batch(raw, mesh) for _ in keys]
     clock.take()

@@ -116,7 +116,7 @@ def _proj(x, p, name: str, adapter: lora_lib.LayerAdapter | None, cfg: ModelConf
   proj = PROJECTIONS[name]
   d = p[proj.param]
   y = einsum(proj.eq, x, d["w"], cfg, scale=d.get("w_scale"), part=proj.part)
-  return lora_lib.add_delta(y, x, proj, adapter, cfg.matmul_dtype, cfg.kernels)
+  return lora_lib.add_delta(y, x, proj, adapter, cfg.matmul_dtype, cfg.kernels, base=d)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -102,6 +102,35 @@ def peft_model(hf, targets, r=4, alpha=8.0, seed=1, std=0.1, dropout=0.0):
   return model
 
 
+def peft_dora_model(hf, targets, r=4, alpha=8.0, seed=1, std=0.1, magnitude_std=0.1,
+                    dropout=0.0):
+  """Wrap hf in a PEFT DoRA (use_dora=True) with random A and B and each magnitude scaled by
+  1 + N(0, magnitude_std): with B nonzero, DoRA differs from plain LoRA and from the base."""
+  import peft
+
+  config = peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, use_dora=True,
+                           target_modules=list(targets), task_type="CAUSAL_LM")
+  model = peft.get_peft_model(hf, config)  # magnitudes = ||W|| per output feature (B is zero)
+  g = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if "lora_magnitude_vector" in name:
+        p.mul_(1.0 + torch.randn(p.shape, generator=g) * magnitude_std)
+      elif "lora_" in name:
+        p.copy_(torch.randn(p.shape, generator=g) * std)
+  return model
+
+
+def adapter_grads(model) -> dict[str, np.ndarray]:
+  """PEFT adapter gradients keyed exactly as in a saved adapter file: like lora_grads, and DoRA's
+  magnitudes under their saved key (".lora_magnitude_vector", no ".weight")."""
+  out = {}
+  for name, g in lora_grads(model).items():
+    out[name.removesuffix(".weight") if name.endswith("lora_magnitude_vector.weight")
+        else name] = g
+  return out
+
+
 def masked_nll(logits: torch.Tensor, targets: np.ndarray, mask: np.ndarray) -> torch.Tensor:
   """Mean next-token NLL over the positions where mask is on (the reference's loss)."""
   # float64: the backward of a float32 log_softmax over a 262k vocabulary (exp of a rounded

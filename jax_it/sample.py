@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_it import decode, decode_queue, schema
+from jax_it import lora as lora_lib
 from jax_it.decode import DecodeShape, sample_logits  # noqa: F401  (the public names)
 from jax_it.model import ModelConfig, Params
 
@@ -54,6 +55,7 @@ def generate_arrays(params: Params, cfg: ModelConfig, prompts: list[list[int]], 
   if spec.max_new_tokens == 0:
     return np.zeros((len(prompts), 0), np.int32), None
   cache_len = tokens.shape[1] + spec.max_new_tokens
+  lora = lora_lib.fold_norms(lora, params)
   logits, cache = decode.prefill(params, lora, jnp.asarray(tokens), jnp.asarray(lengths), cfg,
                                  cache_len)
   out, seen, _ = decode.decode_batch(params, lora, cache, logits, jnp.asarray(lengths),
@@ -92,7 +94,8 @@ def generate(params: Params, cfg: ModelConfig, prompts: list[list[int]], *, lora
   decode.pad_prompts(prompts, spec.pad_id)  # the same checks as every path
   if spec.max_new_tokens == 0:
     return [[] for _ in prompts]
-  return decode_queue.run(params, cfg, prompts, lora, spec, int(batch), int(chunk))
+  return decode_queue.run(params, cfg, prompts, lora_lib.fold_norms(lora, params), spec,
+                          int(batch), int(chunk))
 
 
 def prompt_ids(tokenizer, prompt: str) -> list[int]:
@@ -130,6 +133,7 @@ def stream(params: Params, cfg: ModelConfig, prompt: list[int], *, lora=None,
   n = spec.max_new_tokens
   if n == 0:
     return
+  lora = lora_lib.fold_norms(lora, params)
   logits, cache = decode.prefill(params, lora, jnp.asarray(tokens), jnp.asarray(lengths), cfg,
                                  tokens.shape[1] + n)
   key, knobs, shape = jax.random.key(spec.seed), spec.knobs, spec.shape

@@ -118,8 +118,9 @@ def test_delta_from_the_projection_einsum_equals_x_times_merged_weight_delta(tar
 def test_bad_adapter_config(tmp_path, tiny):
   _, _, cfg = tiny
   (tmp_path / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 4, "lora_alpha": 8,'
-                                                ' "target_modules": ["q_proj"], "use_dora": true}')
-  with pytest.raises(ValueError, match="use_dora"):
+                                                ' "target_modules": ["q_proj"],'
+                                                ' "layers_to_transform": [0]}')
+  with pytest.raises(ValueError, match="layers_to_transform"):
     lora.load_peft(str(tmp_path), cfg)
   with pytest.raises(ValueError, match="lora.targets=.*expected a non-empty list"):
     lora.LoraConfig(targets=("qkv",))

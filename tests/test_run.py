@@ -31,8 +31,11 @@ def losses(run_dir):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
+  """The tiny config with DoRA adapters: train, generate, export --merged and compare against
+  PEFT below all run through the magnitude vectors (plain LoRA runs end to end in
+  test_chat_run.py and test_serve.py)."""
   run_dir = str(tmp_path_factory.mktemp("runs") / "tiny")
-  out = run("--config", TINY, "--run-dir", run_dir, "--no-progress")
+  out = run("--config", TINY, "--run-dir", run_dir, "--no-progress", "lora.dora=true")
   return run_dir, out
 
 
@@ -105,7 +108,7 @@ def test_generate_export_and_compare(trained, tmp_path):
 
   export_dir = str(tmp_path / "export")
   run("export", "--run-dir", run_dir, "--out", export_dir, "--merged")
-  assert os.path.exists(os.path.join(export_dir, "adapter_model.safetensors"))
+  assert json.load(open(os.path.join(export_dir, "adapter_config.json")))["use_dora"] is True
   hf = AutoModelForCausalLM.from_pretrained(os.path.join(export_dir, "merged"),
                                             attn_implementation="eager")
   ctx = setup.make_context(config.load_config(os.path.join(run_dir, "config.yaml"), []), run_dir)

@@ -34,7 +34,7 @@ def _batch(ctx: setup.Context, rows: int = 2) -> dict:
 def _comparable(ctx: setup.Context, adapter) -> lora.Lora:
   """The adapter in float32 without dropout; a random one (nonzero B) when there is no run yet."""
   if adapter is None:
-    adapter = lora.init(jax.random.key(0), ctx.mcfg, ctx.cfg.lora)
+    adapter = lora.init(jax.random.key(0), ctx.mcfg, ctx.cfg.lora, params=ctx.params)
     adapter = adapter.replace(weights=jax.tree.map(
         lambda x: x + 0.01 * jax.random.normal(jax.random.key(1), x.shape), adapter.weights))
   adapter = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), adapter)
@@ -63,7 +63,7 @@ def against_torch(ctx: setup.Context, adapter) -> dict:
                   attention_mask=torch.as_tensor(real, dtype=torch.long)).logits
     loss_t = reference.masked_nll(logits_t, batch["targets"], batch["loss_mask"])
     loss_t.backward()
-    grads_t = reference.lora_grads(pm)
+    grads_t = reference.adapter_grads(pm)
     lora.save_peft(_grads(adapter, params, mcfg, batch), mcfg, os.path.join(tmp, "grads"))
     from safetensors.numpy import load_file
     grads_j = load_file(os.path.join(tmp, "grads", "adapter_model.safetensors"))

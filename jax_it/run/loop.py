@@ -57,8 +57,8 @@ def train_loop(ctx: Context, steps: int, progress: bool = True) -> dict:
   optimizer, schedule = train.optimizer(t, steps)
   # replicated over the whole mesh before a restore, so orbax reads the checkpoint straight into
   # that placement on every process (no array has to cross from one host to another)
-  adapter = train.replicate(lora.init(jax.random.key(cfg.lora.seed), ctx.mcfg, cfg.lora),
-                            ctx.mesh)
+  adapter = train.replicate(
+      lora.init(jax.random.key(cfg.lora.seed), ctx.mcfg, cfg.lora, params=ctx.params), ctx.mesh)
   opt_state = train.replicate(optimizer.init(adapter), ctx.mesh)
   it = iter(data.train_dataset(ctx.splits["train"], ctx.tokenizer, cfg.data, t.batch_size))
   ckpt = checkpoint.Checkpointer(ctx.run_dir, cfg.checkpoint.keep, cfg.checkpoint.async_save)

@@ -130,9 +130,10 @@ def abstract_batch(cfg: config.RunConfig, mesh: jax.sharding.Mesh,
 def abstract_args(cfg: config.RunConfig, mcfg: model.ModelConfig, mesh: jax.sharding.Mesh,
                   optimizer, params=None, capacity: int | None = None) -> tuple:
   """(lora, opt_state, params, batch, key) as the loop passes them to the step, abstract."""
-  adapter = jax.eval_shape(lambda: lora.init(jax.random.key(cfg.lora.seed), mcfg, cfg.lora))
-  opt_state = jax.eval_shape(optimizer.init, adapter)
   base = abstract_params(cfg, mcfg, params)
+  adapter = jax.eval_shape(
+      lambda p: lora.init(jax.random.key(cfg.lora.seed), mcfg, cfg.lora, params=p), base)
+  opt_state = jax.eval_shape(optimizer.init, adapter)
   replicated = NamedSharding(mesh, P())
   # the loop's key is uncommitted (jax.random.fold_in on the default device): no sharding, or
   # its first call would not match this lowering and compile again

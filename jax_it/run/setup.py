@@ -200,7 +200,8 @@ def load_adapter(ctx: Context, required: bool = True) -> lora.Lora | None:
   try:
     if ckpt.latest_step() is None and not required:
       return None
-    template = train.replicate(lora.init(jax.random.key(0), ctx.mcfg, ctx.cfg.lora), ctx.mesh)
+    template = train.replicate(
+        lora.init(jax.random.key(0), ctx.mcfg, ctx.cfg.lora, params=ctx.params), ctx.mesh)
     # the adapter's own identity: evaluating on another batch layout or data is no mismatch,
     # prompting it in another format than it was trained on is
     full = identity(ctx.cfg)
