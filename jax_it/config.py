@@ -17,6 +17,7 @@ import yaml
 from jax_it import schema
 from jax_it.data import DataConfig
 from jax_it.lora import LoraConfig
+from jax_it.quant import NF4_BLOCK, NF4_BLOCKS
 from jax_it.sample import SampleSpec
 from jax_it.schema import ConfigError  # noqa: F401  (re-exported: callers catch config.ConfigError)
 from jax_it.train import TrainConfig
@@ -35,7 +36,11 @@ class ModelSection:
   # with float32 accumulation, everything else (residual stream, norms, softmax) in float32
   matmul: str = schema.field("params", choices=("params", "bfloat16"))
   remat: bool = schema.field(False)  # recompute each layer in the backward pass
-  quant: str = schema.field("none", choices=("none", "int8"))
+  # weight-only quantized base (quant.py): int8 per output channel, or nf4 (QLoRA's 4 bits)
+  quant: str = schema.field("none", choices=("none", "int8", "nf4"))
+  nf4_block: int = schema.field(NF4_BLOCK, choices=NF4_BLOCKS)  # weights per absmax
+  # nf4: the block absmax in 8 bits (bitsandbytes' compress_statistics, QLoRA's double quant)
+  nf4_double_quant: bool = schema.field(True)
   # implementation of matmuls and weight indexing (ops.py): "auto" picks by backend
   kernels: str = schema.field("auto", choices=("auto", "plain", "cpu"))
 

@@ -141,14 +141,15 @@ def lora_eqs(eq: str) -> tuple[str, str]:
 
 def dense_weight(d: dict, proj: Projection) -> jax.Array:
   """One layer's base weight of proj [*weight_axes] as float32, from its dict d ('w', and
-  'w_scale' when int8): the one place DoRA reads W densely, where other quantized bases plug in."""
+  'w_scale' for an int8 or nf4 base): the one place DoRA reads W densely, dequantized as
+  ops.einsum does."""
   w, scale = d["w"], d.get("w_scale")
-  if isinstance(scale, dict):
-    raise ValueError(f"lora.dora=true needs the dense base weight of {proj.name}; an NF4 base is "
-                     "not supported yet (float and int8 are)")
   if proj.part is not None:
-    w, scale = w[proj.part], None if scale is None else scale[proj.part]
-  if scale is not None:  # int8: dequantized as ops.einsum does
+    w, scale = w[proj.part], jax.tree.map(lambda s: s[proj.part], scale)
+  if isinstance(scale, dict):  # nf4 (quant.py); imported here: quant imports model, model us
+    from jax_it import quant  # pylint: disable=g-import-not-at-top
+    return quant.dequantize_nf4(w, scale, proj.eq)
+  if scale is not None:
     w = w.astype(scale.dtype) * scale
   return w.astype(jnp.float32)
 
@@ -260,7 +261,8 @@ def merge(params: Params, adapter: Lora) -> Params:
   W + scale A B, or with DoRA m / ||W + scale A B|| * (W + scale A B) per output feature (PEFT's
   merge_and_unload)."""
   if "input_embedding_scale" in params["embedder"]:
-    raise ValueError("merge needs float base params; load the model without quant=int8")
+    raise ValueError("merge needs float base params; load the model with model.quant=none "
+                     "(this one is int8 or nf4)")
   layers = jax.tree.map(lambda x: x, params["layers"])
   for target in adapter.cfg.targets:
     proj = PROJECTIONS[target]

@@ -26,6 +26,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from jax_it import quant
+
 KERNELS = ("auto", "plain", "cpu")
 
 
@@ -43,9 +45,10 @@ def resolve(kernels: str) -> str:
 
 
 def einsum(eq: str, x: jax.Array, w: jax.Array, dtype: str | None = None, *,
-           scale: jax.Array | None = None, part: int | None = None,
+           scale: jax.Array | dict | None = None, part: int | None = None,
            kernels: str = "auto") -> jax.Array:
-  """`jnp.einsum(eq, x, w)`; w may be an int8 weight (dequantized by `scale`, see quant.py).
+  """`jnp.einsum(eq, x, w)`; w may be quantized (quant.py), dequantized here by `scale`: int8's
+  scale array, or NF4's dict of scales (decoded in float32, rounded to the matmul's dtype).
 
   With `dtype` (e.g. "bfloat16") both inputs are rounded to it and the result is float32 (fast
   bf16 units, float32 accumulation). `part` uses `w[part]`, one half of a stacked gate/up or
@@ -54,20 +57,24 @@ def einsum(eq: str, x: jax.Array, w: jax.Array, dtype: str | None = None, *,
   dtype = None if dtype is None else jnp.dtype(dtype).name
   if resolve(kernels) == "cpu":
     return _einsum(eq, dtype, part, x, w, scale)
-  wp = _weight_part(w, scale, part)
+  wp = _weight_part(eq, w, scale, part, dtype or x.dtype)
   if dtype is None:
     return jnp.einsum(eq, x, wp)
   return jnp.einsum(eq, x.astype(dtype), wp.astype(dtype), preferred_element_type=jnp.float32)
 
 
-def _weight_part(w, scale, part):
+def _weight_part(eq, w, scale, part, dtype):
+  """w (or w[part]) as the matmul reads it: int8 times its scale; NF4 (a dict of scales) in
+  `dtype`, the matmul's."""
   if part is not None:
-    w, scale = w[part], None if scale is None else scale[part]
+    w, scale = w[part], jax.tree.map(lambda s: s[part], scale)
+  if isinstance(scale, dict):
+    return quant.dequantize_nf4(w, scale, eq).astype(dtype)
   return w if scale is None else w.astype(scale.dtype) * scale
 
 
 def _einsum_fwd(eq, dtype, part, x, w, scale):
-  wp = _weight_part(w, scale, part)
+  wp = _weight_part(eq, w, scale, part, dtype or x.dtype)
   if dtype is None:
     return jnp.einsum(eq, x, wp), (x, w, scale, jnp.zeros((0,), x.dtype))
   xl = x.astype(dtype)
@@ -82,7 +89,7 @@ def _einsum(eq, dtype, part, x, w, scale):
 
 def _einsum_bwd(eq, dtype, part, res, g):
   x, w, scale, x_like = res
-  wp = _weight_part(w, scale, part)
+  wp = _weight_part(eq, w, scale, part, dtype or x_like.dtype)
   ins, out = eq.split("->")
   a, b = ins.split(",")
   if dtype is None:
@@ -94,7 +101,7 @@ def _einsum_bwd(eq, dtype, part, res, g):
     dwp = jnp.einsum(f"{a},{out}->{b}", x, g, preferred_element_type=jnp.float32)
   # The gradient of a frozen base weight is never used and XLA drops it; it is formed so that
   # the rule is a complete VJP (LoRA weights and the attention core use it).
-  if scale is not None:  # an int8 weight: no gradient
+  if scale is not None:  # a quantized weight: no gradient
     return dx.astype(x_like.dtype), None, None
   dw = dwp.astype(w.dtype)
   if part is not None:

@@ -64,9 +64,9 @@ def abstract_params(cfg: config.RunConfig, mcfg: model.ModelConfig, params=None)
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
   dtype = jnp.bfloat16 if cfg.model.dtype == "bfloat16" else jnp.float32
   shapes = jax.eval_shape(lambda: model.init_params(jax.random.key(0), mcfg, dtype))
-  if cfg.model.quant == "int8":
-    shapes = jax.eval_shape(lambda p: quant.quantize_int8(p, dtype), shapes)
-  return shapes
+  from jax_it.run import setup
+  quantize = setup.quantizer(cfg.model, dtype)
+  return shapes if quantize is None else jax.eval_shape(quantize, shapes)
 
 
 def nbytes(tree) -> int:
@@ -74,24 +74,45 @@ def nbytes(tree) -> int:
 
 
 def quantize_peak(cfg: config.RunConfig, mcfg: model.ModelConfig) -> int:
-  """Bytes on the loading device while load_model quantizes to int8 (model.quant=int8), before
-  the base is placed; 0 without quantization.
+  """Bytes while load_model quantizes (model.quant=int8 on the loading device, nf4 on the host
+  when the run is on an accelerator: quantize_where), before the base is placed; 0 without.
 
   quant.quantize_int8 converts one matmul weight at a time (in families.PROJECTIONS' order, the
   embedding last) while the whole base in model.dtype stays alive: the peak is that base, the
   int8 weights done so far, and the weight in flight as XLA's float32 copy beside its int8 result.
+  quant.quantize_nf4 (consume=True, as load_model calls it) deletes each float weight once
+  converted and fills preallocated outputs one layer at a time: in flight are the weight's nf4
+  output and one layer as its slice, a float32 copy and its codes; the embedding goes the same
+  way in blocks of quant.EMBEDDING_ROWS rows. (A Gemma 2 2B gating weight measured 0.94 GB of
+  RSS above its input; this counts 0.95 GB.)
   """
-  if cfg.model.quant != "int8":
+  if cfg.model.quant == "none":
     return 0
   base = abstract_params(dataclasses.replace(cfg, model=dataclasses.replace(
       cfg.model, quant="none")), mcfg)
+  quantized = abstract_params(cfg, mcfg)
   order = dict.fromkeys((p.block, p.param) for p in families.PROJECTIONS.values())
-  weights = [base["layers"][block][name]["w"] for block, name in order]
-  done = peak = 0
-  for w in weights + [base["embedder"]["input_embedding"]]:
-    peak = max(peak, done + 4 * w.size + w.size)
-    done += w.size
-  return nbytes(base) + peak
+  alive, done, peak = nbytes(base), 0, 0
+  for block, name in order:
+    w = base["layers"][block][name]["w"]
+    if cfg.model.quant == "int8":
+      peak, done = max(peak, alive + done + 4 * w.size + w.size), done + w.size
+    else:
+      out, layer = nbytes(quantized["layers"][block][name]), w.size // w.shape[0]
+      peak = max(peak, alive + done + out + (7 + w.dtype.itemsize) * layer)
+      done, alive = done + out, alive - w.size * w.dtype.itemsize
+  emb = base["embedder"]["input_embedding"]
+  if cfg.model.quant == "int8":
+    return max(peak, alive + done + 4 * emb.size + emb.size)
+  rows = min(quant.EMBEDDING_ROWS, emb.shape[0]) * emb.shape[1]
+  return max(peak, alive + done + nbytes(quantized["embedder"])
+             + (5 + emb.dtype.itemsize) * rows)
+
+
+def quantize_where(cfg: config.RunConfig, platform: str) -> str:
+  """Where load_model quantizes: an nf4 base on the host unless the run is on CPU (setup's
+  _loading_device), anything else on the loading device."""
+  return "host" if cfg.model.quant == "nf4" and platform != "cpu" else "loading device"
 
 
 def param_shardings(params, mesh: jax.sharding.Mesh, parallel: str):
@@ -220,6 +241,11 @@ def device_memory(mesh: jax.sharding.Mesh) -> tuple[int, str]:
     return int(stats["bytes_limit"]), "device"
   if dev.platform != "cpu":
     return 0, "unknown"
+  return host_memory() // max(1, len(mesh.local_devices)), "host"
+
+
+def host_memory() -> int:
+  """This machine's memory, respecting a cgroup v2 limit."""
   host = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
   try:
     with open("/sys/fs/cgroup/memory.max") as f:
@@ -227,15 +253,15 @@ def device_memory(mesh: jax.sharding.Mesh) -> tuple[int, str]:
     host = min(host, int(limit)) if limit.isdigit() else host
   except OSError:
     pass
-  return host // max(1, len(mesh.local_devices)), "host"
+  return host
 
 
 def memory_plan(cfg: config.RunConfig, mcfg: model.ModelConfig, mesh: jax.sharding.Mesh,
                 params=None, *, step=None, capacity: int | None = None,
                 compile_step: bool = True) -> dict:
   """Bytes per device of a run of `cfg`: base params, LoRA, optimizer state, batch, the step's
-  temporaries; their total, the peak while load_model quantizes (model.quant=int8, on the
-  loading device, before placement), the device's memory and whether both fit.
+  temporaries; their total, the peak while load_model quantizes (model.quant=int8 or nf4, on
+  the loading device or the host, before placement), the device's memory and whether both fit.
 
   params: the loaded base (its shapes and dtypes count), or None for the shapes load_model
   would give mcfg. step: the loop's train step (make_train_step); when it exposes `.jitted`, the
@@ -266,10 +292,14 @@ def memory_plan(cfg: config.RunConfig, mcfg: model.ModelConfig, mesh: jax.shardi
   parts = ("base_params", "lora", "optimizer", "batch", "temporaries", "outputs")
   plan["total"] = sum(plan[k] for k in parts)
   plan["quantize_peak"] = quantize_peak(cfg, mcfg)
+  plan["quantize_where"] = quantize_where(cfg, plan["platform"])
   plan["device_memory"], plan["device_memory_kind"] = device_memory(mesh)
   # None: the device does not say how much memory it has
+  on_device = plan["quantize_peak"] if plan["quantize_where"] == "loading device" else 0
   plan["fits"] = (None if plan["device_memory_kind"] == "unknown"
-                  else max(plan["total"], plan["quantize_peak"]) <= plan["device_memory"])
+                  else max(plan["total"], on_device) <= plan["device_memory"])
+  if plan["quantize_where"] == "host" and plan["fits"] is not None:
+    plan["fits"] = plan["fits"] and plan["quantize_peak"] <= host_memory()
   return plan
 
 
@@ -282,7 +312,7 @@ def _size(n: int) -> str:
 
 def format_plan(plan: dict) -> str:
   """The plan as a short table, one line per component."""
-  base = plan["params_dtype"] + (", int8" if plan["quant"] == "int8" else "")
+  base = plan["params_dtype"] + ("" if plan["quant"] == "none" else f", {plan['quant']}")
   where = "host memory / devices" if plan["device_memory_kind"] == "host" else "device memory"
   fits = {True: "yes", False: "NO", None: "unknown"}[plan["fits"]]
   rows = [(f"base params ({base}, {plan['parallel']})", plan["base_params"]),
@@ -293,7 +323,8 @@ def format_plan(plan: dict) -> str:
     rows.append(("step outputs not donated", plan["outputs"]))
   rows.append(("total", plan["total"]))
   if plan["quantize_peak"]:
-    rows.append(("while quantizing to int8 (loading device)", plan["quantize_peak"]))
+    rows.append((f"while quantizing to {plan['quant']} ({plan['quantize_where']})",
+                 plan["quantize_peak"]))
   if plan["device_memory_kind"] != "unknown":
     rows.append((where, plan["device_memory"]))
   head = f"memory per device ({plan['devices']} x {plan['platform']}):"

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -46,6 +48,29 @@ def load_tokenizer(section: config.ModelSection):
   return weights.load_tokenizer(checkpoint_path(section))
 
 
+def quantizer(section: config.ModelSection, dtype):
+  """model.quant's conversion of the float base (quant.py), None for quant=none; plan.py
+  applies the same one to shapes. The float base is load_model's own: nf4 frees it as it goes."""
+  from jax_it import quant
+  return {"none": None, "int8": functools.partial(quant.quantize_int8, dtype=dtype),
+          "nf4": functools.partial(quant.quantize_nf4, dtype=dtype, block=section.nf4_block,
+                                   double_quant=section.nf4_double_quant, consume=True),
+          }[section.quant]
+
+
+def _on_host(section: config.ModelSection) -> bool:
+  """Whether load_model builds and quantizes the float params on the host: for an nf4 base on
+  an accelerator, so only the 4-bit weights reach the device (a 9B base in bfloat16 alone fills
+  a 24 GB GPU)."""
+  return section.quant == "nf4" and jax.default_backend() != "cpu"
+
+
+def _loading_device(section: config.ModelSection):
+  if _on_host(section):
+    return jax.default_device(jax.devices("cpu")[0])
+  return contextlib.nullcontext()
+
+
 def load_model(section: config.ModelSection):
   """(params, model config, tokenizer) of model.path: the packaged model, random:<name>, a path."""
   dtype = jnp.bfloat16 if section.dtype == "bfloat16" else jnp.float32
@@ -55,14 +80,19 @@ def load_model(section: config.ModelSection):
     # the random table must cover the borrowed tokenizer's ids
     if mcfg.vocab_size < len(tokenizer):
       mcfg = dataclasses.replace(mcfg, vocab_size=len(tokenizer))
-    params = model.init_params(jax.random.key(0), mcfg, dtype)
+    with _loading_device(section):
+      params = model.init_params(jax.random.key(0), mcfg, dtype)
   else:
     path = checkpoint_path(section)
-    params, mcfg = weights.load(path, dtype=dtype)
+    with _loading_device(section):
+      params, mcfg = weights.load(path, dtype=dtype)
     tokenizer = weights.load_tokenizer(path)
-  if section.quant == "int8":
-    from jax_it import quant
-    params = quant.quantize_int8(params, dtype)
+  quantize = quantizer(section, dtype)
+  if quantize is not None:
+    with _loading_device(section):
+      params = quantize(params)
+  if _on_host(section):
+    params = jax.device_put(params, jax.local_devices()[0])
   matmul = None if section.matmul == "params" else section.matmul
   return params, dataclasses.replace(mcfg, matmul_dtype=matmul, kernels=section.kernels), tokenizer
 
