@@ -8,7 +8,10 @@ warms up (compiles) on one pass over the batches, then waits; the parent asks th
 timed pass at a time, in interleaved rounds, so slow drifts of a shared machine hit both sides
 alike. One phase per parameter dtype keeps at most two workers alive (memory). Our side runs the
 pad batches (the very inputs torch gets: the loss comparison) and the same records packed (fewer
-rows; our recommended mode). The tables are printed and appended to benchmarks/RESULTS.md.
+rows; our recommended mode). Torch runs in up to three settings, each its own worker, so the ratio
+is taken against its best: eager attention (transformers' reference path), sdpa attention, and
+sdpa under torch.compile (inductor; its compile happens in the warm-up pass). The tables are
+printed and appended to benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -111,8 +114,12 @@ class Ours:
     return {"seconds": seconds, "step_s": step_s, "losses": [float(m["loss"]) for m in metrics]}
 
 
+TORCH_SETTINGS = {"torch": ("eager", False), "torch-sdpa": ("sdpa", False),
+                  "torch-compile": ("sdpa", True)}  # side: (attn_implementation, torch.compile)
+
+
 class Torch:
-  """transformers + PEFT, eager attention, AdamW over the LoRA weights, pad batches."""
+  """transformers + PEFT in one of TORCH_SETTINGS, AdamW over the LoRA weights, pad batches."""
 
   def __init__(self, spec: dict):
     import peft  # pylint: disable=g-import-not-at-top
@@ -120,7 +127,8 @@ class Torch:
     from transformers import AutoModelForCausalLM  # pylint: disable=g-import-not-at-top
 
     t = time.perf_counter()
-    kw = dict(attn_implementation="eager", dtype=getattr(torch, spec["dtype"]))
+    attention, compiled = TORCH_SETTINGS[spec["side"]]
+    kw = dict(attn_implementation=attention, dtype=getattr(torch, spec["dtype"]))
     hf_dir = os.path.join(spec["workdir"], "hf")
     if os.path.exists(os.path.join(hf_dir, "config.json")):  # written by the first torch worker
       hf = AutoModelForCausalLM.from_pretrained(hf_dir, **kw)
@@ -134,11 +142,14 @@ class Torch:
     trainable = [p for p in self.model.parameters() if p.requires_grad]
     self.opt = torch.optim.AdamW(trainable, lr=LR, betas=(0.9, 0.999), eps=1e-8,
                                  weight_decay=WEIGHT_DECAY)
+    self.forward = torch.compile(self.model) if compiled else self.model
     self.batches = load_batches(spec["workdir"])
     self.load_s = time.perf_counter() - t
 
   def warmup(self, mode: str) -> dict:
-    return dict(self.run(mode, sync_each=True), compile_s=0.0)
+    t = time.perf_counter()
+    out = self.run(mode, sync_each=True)
+    return dict(out, compile_s=time.perf_counter() - t)
 
   def run(self, mode: str, sync_each: bool = False) -> dict:
     losses, step_s = [], []
@@ -154,7 +165,7 @@ class Torch:
     import torch  # pylint: disable=g-import-not-at-top
     tokens = torch.as_tensor(b["tokens"], dtype=torch.long)
     attn = torch.as_tensor(b["segment_ids"] > 0, dtype=torch.long)
-    logits = self.model(input_ids=tokens, attention_mask=attn, use_cache=False).logits
+    logits = self.forward(input_ids=tokens, attention_mask=attn, use_cache=False).logits
     # the loss transformers' own ForCausalLM loss computes: float32 cross-entropy, masked mean
     targets = torch.as_tensor(b["targets"], dtype=torch.long)
     targets = targets.masked_fill(torch.as_tensor(b["loss_mask"] == 0), -100)
@@ -176,13 +187,13 @@ def _save_plain(hf, out_dir: str):
   save_model(hf, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
 
 
-SIDES = {"ours": Ours, "torch": Torch}
+SIDES = {"ours": Ours, **{name: Torch for name in TORCH_SETTINGS}}
 
 
 def serve(conn, side: str, spec: dict):
   """Worker main loop: build the side, then answer (method, mode) requests until 'stop'."""
   try:
-    obj = SIDES[side](spec)
+    obj = SIDES[side](dict(spec, side=side))
     conn.send(("ok", {"load_s": obj.load_s, "rss_gb": common.peak_rss_gb()}))
     while True:
       method, mode = conn.recv()
@@ -226,9 +237,8 @@ class Worker:
 def run_phase(dtype: str, args, spec: dict) -> dict:
   """Both sides of one dtype: warm-up, then `rounds` interleaved timed passes."""
   spec = dict(spec, dtype=dtype)
-  jobs = [("ours", "pad"), ("ours", "pack"), ("torch", "pad")]
-  if args.no_torch:
-    jobs = jobs[:2]
+  jobs = [("ours", "pad"), ("ours", "pack")]
+  jobs += [] if args.no_torch else [(t, "pad") for t in args.torch.split(",")]
   workers = {}
   try:
     for side in dict.fromkeys(s for s, _ in jobs):
@@ -274,13 +284,14 @@ def summarize(results: dict, batches: dict, cfg, peaks: dict) -> list[dict]:
 
 
 def tables(rows: list[dict], peaks: dict) -> str:
-  best_torch = max((r["tok_s"] for r in rows if r["side"] == "torch"), default=float("nan"))
+  best_torch = max((r["tok_s"] for r in rows if r["side"] != "ours"), default=float("nan"))
   lines = ["| side | batches | params | steps/pass | real tokens/s (median) | vs best torch "
            "| s/step | peak RSS GB | TFLOP/step | % of matmul peak | compile s |",
            "|---|---|---|---|---|---|---|---|---|---|---|"]
   for r in rows:
-    name = "ours (JAX)" if r["side"] == "ours" else "transformers+PEFT"
-    compile_s = f"{r['compile_s']:.1f}" if r["side"] == "ours" else "-"
+    name = "ours (JAX)" if r["side"] == "ours" else "transformers+PEFT, " + "{} attention{}".format(
+        *TORCH_SETTINGS[r["side"]][:1], ", torch.compile" if TORCH_SETTINGS[r["side"]][1] else "")
+    compile_s = f"{r['compile_s']:.1f}" if r["side"] in ("ours", "torch-compile") else "-"
     lines.append(f"| {name} | {r['mode']} | {r['dtype']} | {r['steps']} | {r['tok_s']:.0f} "
                  f"| {r['tok_s'] / best_torch:.2f}x | {r['step_s']:.2f} | {r['rss_gb']:.2f} "
                  f"| {r['tflop']:.3f} | {100 * r['peak_share']:.0f}% | {compile_s} |")
@@ -334,6 +345,8 @@ def main():
   ap.add_argument("--rounds", type=int, default=2, help="timed passes per side after warm-up")
   ap.add_argument("--dtypes", default="float32,bfloat16")
   ap.add_argument("--no-torch", action="store_true", help="our side only")
+  ap.add_argument("--torch", default="torch,torch-sdpa,torch-compile",
+                  help=f"torch settings to run, of {', '.join(TORCH_SETTINGS)}")
   ap.add_argument("--no-record", action="store_true", help="do not append to RESULTS.md")
   args = ap.parse_args()
   common.alpaca_file(args.data)  # before minutes of model loading

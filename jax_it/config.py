@@ -31,6 +31,9 @@ class ModelSection:
   # "gemma3-270m": the packaged GGUF Gemma 3 270M; "random:<preset>": random weights of a
   # families.PRESETS entry; otherwise a checkpoint file/dir (Flax, HF safetensors, GGUF) or hub id.
   path: str = schema.field("gemma3-270m")
+  # a tokenizer folder (tokenizer.json + tokenizer_config.json) to use instead of the checkpoint's;
+  # random models otherwise borrow the packaged Gemma 3 270M's
+  tokenizer: str = schema.field("")
   dtype: str = schema.field("float32", choices=("float32", "bfloat16"))
   # "params": matmuls in the parameters' dtype; "bfloat16": matmul inputs rounded to bfloat16
   # with float32 accumulation, everything else (residual stream, norms, softmax) in float32
@@ -43,6 +46,8 @@ class ModelSection:
   nf4_double_quant: bool = schema.field(True)
   # implementation of matmuls and weight indexing (ops.py): "auto" picks by backend
   kernels: str = schema.field("auto", choices=("auto", "plain", "cpu"))
+  # attention kernel (ops.py): "auto" is cuDNN flash attention on GPU, splash on TPU, XLA on CPU
+  attention: str = schema.field("auto", choices=("auto", "xla", "cudnn", "splash"))
 
   def __post_init__(self):
     schema.validate(self)

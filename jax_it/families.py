@@ -44,6 +44,8 @@ class ModelConfig:
   # which implementation of the matmuls and weight indexing runs: "auto" | "plain" | "cpu"
   # (see ops.py); every choice computes the same function
   kernels: str = "auto"
+  # which attention kernel runs: "auto" | "xla" | "cudnn" | "splash" (see ops.py)
+  attention: str = "auto"
 
   def __post_init__(self):
     if self.family not in FAMILIES:

@@ -124,7 +124,10 @@ def _proj(x, p, name: str, adapter: lora_lib.LayerAdapter | None, cfg: ModelConf
 
 
 def _attention(x, p, adapter, cfg, bias, sin, cos, cache):
-  """Self-attention of one layer; returns the output and the updated layer cache (or None)."""
+  """Self-attention of one layer; returns the output and the updated layer cache (or None).
+
+  `bias` is the additive mask of the XLA path (attention_bias), or (kernel, segment ids,
+  is_local) for a fused kernel of ops.py, which builds its own mask."""
   B, T, _ = x.shape
   K, H = cfg.num_kv_heads, cfg.head_dim
   G = cfg.num_heads // K
@@ -140,6 +143,13 @@ def _attention(x, p, adapter, cfg, bias, sin, cos, cache):
   new_cache = None
   if cache is not None:
     k, v, new_cache = _update_cache(cache, k, v)
+  if not isinstance(bias, jax.Array):  # a fused kernel: (impl, segment ids, is_local)
+    impl, segment_ids, is_local = bias
+    if cfg.matmul_dtype is not None:
+      q, k, v = (a.astype(cfg.matmul_dtype) for a in (q, k, v))
+    enc = ops.fused_attention(impl, q, k, v, segment_ids, is_local, cfg.sliding_window,
+                              cfg.attn_logits_soft_cap)
+    return _proj(enc.astype(v.dtype), p, "o_proj", adapter, cfg), new_cache
   q = q.reshape(B, T, K, G, H)
   if cfg.matmul_dtype is None:
     scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32)
@@ -251,10 +261,14 @@ def hidden_states(params: Params, tokens: jax.Array, cfg: ModelConfig, *, lora=N
   if cache is not None:
     k_pos = jax.lax.dynamic_update_slice_in_dim(cache["pos"], positions, cache["index"], 1)
     k_seg = jax.lax.dynamic_update_slice_in_dim(cache["seg"], segment_ids, cache["index"], 1)
-  bias_global = attention_bias(positions, k_pos, segment_ids, k_seg)
-  bias_local = bias_global
-  if cfg.sliding_window is not None and any(cfg.local_layers):
-    bias_local = attention_bias(positions, k_pos, segment_ids, k_seg, cfg.sliding_window)
+  impl = ops.attention_impl(cfg.attention, soft_cap=cfg.attn_logits_soft_cap,
+                            dtype=cfg.matmul_dtype or x.dtype, cached=cache is not None,
+                            length=T)
+  if impl == "xla":
+    bias_global = attention_bias(positions, k_pos, segment_ids, k_seg)
+    bias_local = bias_global
+    if cfg.sliding_window is not None and any(cfg.local_layers):
+      bias_local = attention_bias(positions, k_pos, segment_ids, k_seg, cfg.sliding_window)
   lora_w, keys = None, None
   if lora is not None:
     lora_w = lora.weights
@@ -277,7 +291,8 @@ def hidden_states(params: Params, tokens: jax.Array, cfg: ModelConfig, *, lora=N
     layer_cache = None if kv is None else dict(kv, index=cache["index"], layer=i)
     pick = lambda a, b: a if a is b else jnp.where(is_local, a, b)  # noqa: E731
     sin, cos = (pick(a, b) for a, b in zip(rope_local, rope_global))
-    return _layer(x, p, adapter, cfg, pick(bias_local, bias_global), sin, cos, layer_cache), None
+    mask = ((impl, segment_ids, is_local) if impl != "xla" else pick(bias_local, bias_global))
+    return _layer(x, p, adapter, cfg, mask, sin, cos, layer_cache), None
 
   if remat:
     body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)

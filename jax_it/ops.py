@@ -152,3 +152,117 @@ def tie(table: jax.Array, x: jax.Array, kernels: str = "auto"):
   if resolve(kernels) == "cpu":
     return jax.lax.optimization_barrier((table, x))
   return table, x
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention kernels
+#
+# "xla":    scores [B, K, G, T, S] formed, soft-capped, masked by an additive bias, softmax, then
+#           the values (model._attention); runs everywhere, and is the only path with a KV cache.
+# "cudnn":  GPU: jax.nn.dot_product_attention's cuDNN flash attention: causal, sliding window,
+#           packed segments as a boolean [B, 1, T, S] mask shared by all heads (cuDNN turns it
+#           into a bias; the [B, N, T, S] scores never exist). cuDNN has no logit soft-cap and
+#           computes in 16-bit floats only.
+# "splash": TPU: Pallas splash attention: causal or local masks, segment ids and soft-cap inside
+#           the kernel; rows must tile into blocks of 128.
+# "auto":   cudnn on GPU, splash on TPU, xla elsewhere; where the layer or the dtype rules the
+#           kernel out it runs xla and says so once on stderr.
+# The fused kernels index keys by position in the row, as packing lays rows out (positions count
+# up by one inside each segment); they run without a KV cache (training, loss, scoring).
+
+ATTENTION = ("auto", "xla", "cudnn", "splash")
+_BACKEND_ATTENTION = {"gpu": "cudnn", "tpu": "splash"}
+SPLASH_BLOCK = 128
+# Tests run the kernels' code on CPU: splash in Pallas interpret mode, the cuDNN call's arguments
+# through jax.nn.dot_product_attention's XLA implementation.
+PALLAS_INTERPRET = False
+CUDNN_IMPLEMENTATION = "cudnn"
+_said: set = set()
+
+
+def _say_once(message: str):
+  if message not in _said:
+    _said.add(message)
+    import sys  # pylint: disable=g-import-not-at-top
+    print(f"attention: {message}", file=sys.stderr)
+
+
+def attention_impl(name: str, *, soft_cap: float | None, dtype, cached: bool,
+                   length: int) -> str:
+  """The attention kernel a layer runs: "xla", "cudnn" or "splash" (see above).
+
+  An explicit kernel the backend lacks, or one the model rules out, is an error naming the key;
+  "auto" falls back to xla with a line on stderr.
+  """
+  backend = jax.default_backend()
+  native = _BACKEND_ATTENTION.get(backend)
+  if name not in ATTENTION:
+    raise ValueError(f"model.attention={name!r}: expected one of {', '.join(ATTENTION)}")
+  if name not in ("auto", "xla") and name != native:
+    have = ", ".join(a for a in ("auto", "xla", native) if a)
+    raise ValueError(f"model.attention={name!r}: the {backend} backend has no {name} kernel; "
+                     f"supported there: {have}")
+  want = native if name == "auto" else name
+  if want in (None, "xla") or cached:
+    return "xla"
+  why = None
+  if want == "cudnn" and soft_cap is not None:
+    why = f"cuDNN has no logit soft-cap (this model caps at {soft_cap:g})"
+  elif want == "cudnn" and jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
+    why = f"cuDNN computes in bfloat16/float16, this model's attention in {jnp.dtype(dtype).name}"
+  elif want == "splash" and length % SPLASH_BLOCK:
+    why = (f"splash tiles rows in blocks of {SPLASH_BLOCK}, these have {length} tokens "
+           f"(set data.max_len to a multiple of {SPLASH_BLOCK})")
+  if why is None:
+    return want
+  if name != "auto":
+    raise ValueError(f"model.attention={name!r} on {backend}: {why}; use auto or xla")
+  _say_once(f"xla instead of {want}: {why}")
+  return "xla"
+
+
+def fused_attention(impl: str, q, k, v, segment_ids, is_local, window: int | None,
+                    soft_cap: float | None) -> jax.Array:
+  """Causal attention of q [B, T, N, H] (already scaled) over k, v [B, T, K, H] by a fused
+  kernel; segment_ids [B, T]; is_local (traced) picks the `window` mask. Returns [B, T, N, H]
+  in v's dtype."""
+  kernel = {"cudnn": _cudnn, "splash": _splash}[impl]
+  if window is None:
+    return kernel(q, k, v, segment_ids, None, soft_cap)
+  return jax.lax.cond(is_local,
+                      lambda *a: kernel(*a, window, soft_cap),
+                      lambda *a: kernel(*a, None, soft_cap),
+                      q, k, v, segment_ids)
+
+
+def _cudnn(q, k, v, seg, window, soft_cap):
+  if soft_cap is not None:  # attention_impl rules this out; a direct call must not drop it
+    raise ValueError("cuDNN attention has no logit soft-cap")
+  mask = (seg[:, :, None] == seg[:, None, :])[:, None]  # [B, 1, T, S]: the segments
+  return jax.nn.dot_product_attention(
+      q, k, v, mask=mask, scale=1.0, is_causal=True, implementation=CUDNN_IMPLEMENTATION,
+      local_window_size=None if window is None else (window - 1, 0)).astype(v.dtype)
+
+
+def _splash(q, k, v, seg, window, soft_cap):
+  from jax.experimental.pallas.ops.tpu import splash_attention as splash  # pylint: disable=g-import-not-at-top
+  sk, sm = splash.splash_attention_kernel, splash.splash_attention_mask
+  B, T, N, H = q.shape
+  K = k.shape[2]
+  G = N // K
+  one = sm.CausalMask((T, T)) if window is None else sm.LocalMask((T, T), (window - 1, 0), 0)
+  block = max(b for b in (512, 256, SPLASH_BLOCK) if T % b == 0)
+  sizes = sk.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
+                        block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
+                        block_q_dq=block, block_kv_dq=block)
+  kernel = sk.make_splash_mqa_single_device(sm.MultiHeadMask([one] * G), block_sizes=sizes,
+                                            attn_logits_soft_cap=soft_cap,
+                                            interpret=PALLAS_INTERPRET)
+  # one multi-query kernel per kv head: q [G, T, H] against k, v [T, H]
+  qg = q.reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, H]
+  kg, vg = (a.transpose(0, 2, 1, 3) for a in (k, v))  # [B, K, T, H]
+  per_head = jax.vmap(lambda qh, kh, vh, s: kernel(qh, kh, vh, segment_ids=s),
+                      in_axes=(0, 0, 0, None))
+  out = jax.vmap(lambda qb, kb, vb, sb: per_head(qb, kb, vb, sk.SegmentIds(q=sb, kv=sb)))(
+      qg, kg, vg, seg)  # [B, K, G, T, H]
+  return out.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H).astype(v.dtype)

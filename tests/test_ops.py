@@ -116,3 +116,97 @@ def test_einsum_backward_matches_autodiff(eq, x_shape, w_shape, part, int8, kern
       assert _ratio(dw, dd_ref) <= tol, (dtype, "dw")
     assert y.dtype == jnp.float32
     assert _ratio(y, y_ref) <= tol and _ratio(dx, dx_ref) <= tol, dtype
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention kernels: the fused kernels' code run on CPU (splash in Pallas interpret mode, the
+# cuDNN call's arguments through jax.nn.dot_product_attention's XLA implementation), against
+# the XLA path of model._attention (scores, soft-cap, additive mask, softmax).
+
+
+def _packed(rng, batch, length, vocab):
+  """random_batch with each row packed from 3 examples and a padded tail (segment 0); positions
+  restart at 0 in each segment, as packing.py lays rows out."""
+  b = random_batch(rng, batch, length, vocab)
+  for row in range(batch):
+    cuts = np.sort(rng.choice(np.arange(8, length - 16), 2, replace=False))
+    seg = np.searchsorted(cuts, np.arange(length), side="right") + 1
+    seg[length - 5:] = 0
+    start = np.maximum.accumulate(np.where(np.r_[True, seg[1:] != seg[:-1]], np.arange(length), 0))
+    b["segment_ids"][row], b["positions"][row] = seg, np.arange(length) - start
+  b["loss_mask"] &= b["segment_ids"] > 0
+  return b
+
+
+@pytest.fixture
+def force_kernel(monkeypatch):
+  """Make `auto` pick kernel `name` on this CPU, running its code in the CPU-capable mode."""
+  def force(name):
+    monkeypatch.setattr(ops, "_BACKEND_ATTENTION", {jax.default_backend(): name})
+    monkeypatch.setattr(ops, "PALLAS_INTERPRET", True)
+    monkeypatch.setattr(ops, "CUDNN_IMPLEMENTATION", "xla")
+  return force
+
+
+def _loss_and_lora_grads(params, cfg, adapter, batch):
+  fn = jax.jit(jax.value_and_grad(
+      lambda a: train.mean_loss(a, params, batch, cfg, train.TrainConfig(loss_chunk=64))))
+  return fn(adapter)
+
+
+GEMMA3_TINY = dataclasses.replace(
+    TINY, family="gemma3", attn_logits_soft_cap=None, final_logit_soft_cap=None,
+    use_qk_norm=True, rope_base_global=1e6, num_layers=2, local_layers=(True, False))
+
+
+@pytest.mark.parametrize("kernel, cfg", [
+    ("splash", TINY),          # Gemma 2: soft-cap, sliding window, grouped queries
+    ("cudnn", GEMMA3_TINY),    # Gemma 3: no soft-cap (cuDNN has none), sliding window
+])
+def test_fused_attention_kernels_give_the_xla_paths_loss_and_grads(force_kernel, monkeypatch,
+                                                                   kernel, cfg):
+  """Packed rows of 128 tokens (3 examples, a padded tail), LoRA on q/k/v/o, float32: the model
+  with the kernel against the model with the XLA path."""
+  cfg = dataclasses.replace(cfg, kernels="plain")
+  params = _random_params(cfg)
+  adapter = _adapter(cfg, ("q_proj", "k_proj", "v_proj", "o_proj"))
+  batch = train.add_loss_index(_packed(np.random.default_rng(0), 2, 128, cfg.vocab_size))
+  loss_x, g_x = _loss_and_lora_grads(params, dataclasses.replace(cfg, attention="xla"), adapter,
+                                     batch)
+  force_kernel(kernel)
+  if kernel == "cudnn":  # cuDNN takes 16-bit inputs only; its arguments are checked in float32
+    monkeypatch.setattr(ops, "attention_impl", lambda *a, cached, **kw: "xla" if cached else kernel)
+  loss_k, g_k = _loss_and_lora_grads(params, cfg, adapter, batch)
+  assert abs(float(loss_k) - float(loss_x)) / float(loss_x) <= 1e-6
+  errors = {jax.tree_util.keystr(p): _ratio(x, y) for (p, x), y in zip(
+      jax.tree_util.tree_flatten_with_path(g_k.weights)[0], jax.tree.leaves(g_x.weights))}
+  assert max(errors.values()) <= 1e-5, errors
+  # the kernel changes the numbers when the mask is wrong: one segment per row is another loss
+  unpacked = dict(batch, segment_ids=np.ones_like(batch["segment_ids"]))
+  assert abs(float(_loss_and_lora_grads(params, cfg, adapter, unpacked)[0]) - float(loss_k)) > 1e-3
+
+
+def test_attention_kernel_choice_and_its_errors(force_kernel, capsys):
+  backend = jax.default_backend()
+  pick = lambda name, **kw: ops.attention_impl(name, **{  # noqa: E731
+      "soft_cap": None, "dtype": "bfloat16", "cached": False, "length": 256, **kw})
+  assert pick("auto") == pick("xla") == "xla"  # this CPU has no fused kernel
+  with pytest.raises(ValueError, match=f"model.attention='cudnn': the {backend} backend has no "
+                     "cudnn kernel; supported there: auto, xla$"):
+    pick("cudnn")
+  with pytest.raises(ValueError, match="model.attention='flash': expected one of auto, xla"):
+    pick("flash")
+  force_kernel("cudnn")
+  assert pick("auto") == pick("cudnn") == "cudnn"
+  assert pick("auto", cached=True) == "xla"  # decoding with a KV cache
+  assert pick("auto", soft_cap=50.0) == "xla"
+  assert "xla instead of cudnn: cuDNN has no logit soft-cap (this model caps at 50)" in (
+      capsys.readouterr().err)
+  with pytest.raises(ValueError, match=r"model.attention='cudnn' on \w+: cuDNN computes in "
+                     "bfloat16/float16, this model's attention in float32; use auto or xla"):
+    pick("cudnn", dtype="float32")
+  force_kernel("splash")
+  with pytest.raises(ValueError, match="splash tiles rows in blocks of 128, these have 200 tokens"
+                     r" \(set data.max_len to a multiple of 128\)"):
+    pick("splash", length=200)
+  assert pick("auto", length=200) == "xla"

@@ -12,13 +12,14 @@ from jax_it.ckpt import CheckpointError
 
 @functools.lru_cache(maxsize=8)
 def load_tokenizer(path: str):
-  """The transformers tokenizer of a local checkpoint: a .gguf file, an HF dir, or a Flax dir
-  with tokenizer.model in it or beside it (cached per path)."""
+  """The transformers tokenizer of a local checkpoint: a .gguf file, an HF dir (or a folder of a
+  saved tokenizer alone), or a Flax dir with tokenizer.model in it or beside it (cached per
+  path)."""
   from transformers import AutoTokenizer  # pylint: disable=g-import-not-at-top
   p = Path(path)
   if p.is_file():
     return gguf_tokenizer(p)
-  if (p / "config.json").exists():
+  if (p / "config.json").exists() or (p / "tokenizer_config.json").exists():
     return AutoTokenizer.from_pretrained(str(p))
   for spm in (p / "tokenizer.model", p.parent / "tokenizer.model"):
     if spm.exists():

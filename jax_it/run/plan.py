@@ -55,7 +55,8 @@ def model_config(section: config.ModelSection) -> model.ModelConfig:
 def run_model_config(cfg: config.RunConfig, mcfg: model.ModelConfig) -> model.ModelConfig:
   """mcfg as setup.load_model hands it to the step: the model section's matmul and kernels."""
   matmul = None if cfg.model.matmul == "params" else cfg.model.matmul
-  return dataclasses.replace(mcfg, matmul_dtype=matmul, kernels=cfg.model.kernels)
+  return dataclasses.replace(mcfg, matmul_dtype=matmul, kernels=cfg.model.kernels,
+                             attention=cfg.model.attention)
 
 
 def abstract_params(cfg: config.RunConfig, mcfg: model.ModelConfig, params=None):

@@ -38,8 +38,13 @@ def checkpoint_path(section: config.ModelSection) -> str:
 
 
 def load_tokenizer(section: config.ModelSection):
-  """The tokenizer of model.path, without its weights (random models borrow the packaged
-  Gemma 3 tokenizer)."""
+  """The tokenizer of model.tokenizer if given, else of model.path, without its weights (random
+  models borrow the packaged Gemma 3 tokenizer)."""
+  if section.tokenizer:
+    if not os.path.isdir(section.tokenizer):
+      raise RunError(f"model.tokenizer={section.tokenizer!r}: not a folder; expected one holding "
+                     "tokenizer.json and tokenizer_config.json")
+    return weights.load_tokenizer(section.tokenizer)
   if section.path.startswith("random:"):
     if section.path.split(":", 1)[1] not in families.PRESETS:
       raise RunError(f"model.path={section.path!r}: unknown preset; expected one of "
@@ -94,7 +99,9 @@ def load_model(section: config.ModelSection):
   if _on_host(section):
     params = jax.device_put(params, jax.local_devices()[0])
   matmul = None if section.matmul == "params" else section.matmul
-  return params, dataclasses.replace(mcfg, matmul_dtype=matmul, kernels=section.kernels), tokenizer
+  mcfg = dataclasses.replace(mcfg, matmul_dtype=matmul, kernels=section.kernels,
+                             attention=section.attention)
+  return params, mcfg, tokenizer
 
 
 @dataclasses.dataclass
