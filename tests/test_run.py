@@ -98,7 +98,7 @@ def test_generate_export_and_compare(trained, tmp_path):
   import torch
   from transformers import AutoModelForCausalLM
 
-  from jax_it import config, model
+  from jax_it import config, model, weights
   from jax_it.run import setup
 
   run_dir, _ = trained
@@ -107,7 +107,7 @@ def test_generate_export_and_compare(trained, tmp_path):
   assert out.stdout.count("[base") == 1 and out.stdout.count("[tuned") == 1
 
   export_dir = str(tmp_path / "export")
-  run("export", "--run-dir", run_dir, "--out", export_dir, "--merged")
+  run("export", "--run-dir", run_dir, "--out", export_dir, "--merged", "--gguf")
   assert json.load(open(os.path.join(export_dir, "adapter_config.json")))["use_dora"] is True
   hf = AutoModelForCausalLM.from_pretrained(os.path.join(export_dir, "merged"),
                                             attn_implementation="eager")
@@ -118,6 +118,10 @@ def test_generate_export_and_compare(trained, tmp_path):
                                   lora=adapter))
   theirs = hf(torch.as_tensor(tokens)).logits.detach().numpy()
   assert np.abs(ours - theirs).max() / np.abs(theirs).max() <= 1e-4
+  # the GGUF file holds the same DoRA-merged model (float16 weights)
+  params, cfg = weights.load(os.path.join(export_dir, "model-f16.gguf"))
+  gguf = np.asarray(model.forward(params, jnp.asarray(tokens, jnp.int32), cfg))
+  assert np.abs(gguf - ours).max() / np.abs(ours).max() <= 1e-2
 
   out = run("compare", "--run-dir", run_dir)
   assert "OK: within tolerance" in out.stdout
