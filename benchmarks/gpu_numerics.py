@@ -7,7 +7,8 @@ matmul inputs to TF32; torch's does not): logits of tiny random models within 1e
 (our model.forward vs transformers, eager attention), then a PEFT LoRA on every linear layer:
 loss within 1e-5 and every adapter gradient within 1e-4 (norm-relative). The same checks as the
 CPU tests (tests/test_model.py, tests/test_lora.py), on whatever device JAX and torch find.
-Exits non-zero when a check fails.
+Then the backend's fused attention kernel (cuDNN on a GPU) against the XLA path on packed rows
+(check_kernel). Exits non-zero when a check fails.
 """
 
 from __future__ import annotations
@@ -64,6 +65,62 @@ def check(family: str, device: str, workdir: str) -> dict:
   return out
 
 
+KERNEL_SLACK = 2.0  # the kernel may be at most this many times further from float32 than XLA
+
+
+def check_kernel(workdir: str) -> dict:
+  """The backend's fused attention kernel (model.attention=auto: cuDNN on GPUs, splash on TPUs)
+  and the XLA path, both with bfloat16 matmuls (cuDNN's only mode), against the float32 XLA path
+  on packed rows of 256 tokens of a tiny Gemma 3 (no soft-cap, so cuDNN takes it): loss and
+  worst LoRA gradient errors, the kernel's within KERNEL_SLACK times XLA's. On a CPU, which has
+  no fused kernel, the cuDNN call's arguments run through JAX's XLA implementation of the same
+  function."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  from jax_it import lora, ops, train, weights  # pylint: disable=g-import-not-at-top
+  from jax_it import reference as ref  # pylint: disable=g-import-not-at-top
+
+  path = os.path.join(workdir, "kernel-gemma3")
+  ref.tiny_hf("gemma3", save_to=path, weight_std=0.1)
+  params, cfg = weights.load(path)
+  cfg = dataclasses.replace(cfg, matmul_dtype="bfloat16")
+  kernel = {"gpu": "cudnn", "tpu": "splash"}.get(jax.default_backend())
+  if kernel is None:
+    kernel = "cudnn (XLA stand-in)"
+    ops._BACKEND_ATTENTION[jax.default_backend()] = "cudnn"  # pylint: disable=protected-access
+    ops.CUDNN_IMPLEMENTATION = "xla"
+  rng = np.random.default_rng(0)
+  batch = ref.random_batch(rng, 2, 256, cfg.vocab_size)
+  seg = np.repeat([1, 2, 3], [100, 100, 56])
+  batch["segment_ids"][:] = seg
+  batch["positions"][:] = np.concatenate([np.arange(100), np.arange(100), np.arange(56)])
+  batch = train.add_loss_index(batch)
+  adapter = lora.init(jax.random.key(0), cfg, lora.LoraConfig(r=4, targets="all-linear"))
+  adapter = adapter.replace(weights=jax.tree.map(
+      lambda x: x + 0.05 * jax.random.normal(jax.random.key(1), x.shape), adapter.weights))
+
+  def loss_and_grads(attention, matmul="bfloat16"):
+    c = dataclasses.replace(cfg, attention=attention, matmul_dtype=matmul)
+    return jax.jit(jax.value_and_grad(lambda a: train.mean_loss(
+        a, params, batch, c, train.TrainConfig(loss_chunk=64))))(adapter)
+
+  def errors(loss, grads):  # against the float32 XLA path
+    return (abs(float(loss) - float(l32)) / float(l32),
+            max(ref.norm_rel_err(np.asarray(a, np.float64), np.asarray(b, np.float64))
+                for a, b in zip(jax.tree.leaves(grads.weights), jax.tree.leaves(g32.weights))))
+
+  assert ops.attention_impl("auto", soft_cap=None, dtype="bfloat16", cached=False,
+                            length=256) != "xla"
+  l32, g32 = loss_and_grads("xla", None)
+  (kl, kg), (xl, xg) = errors(*loss_and_grads("auto")), errors(*loss_and_grads("xla"))
+  out = {"family": f"gemma3, {kernel}", "loss": kl, "grads": kg, "xla_loss": xl, "xla_grads": xg}
+  out["ok"] = kl <= KERNEL_SLACK * xl + 1e-6 and kg <= KERNEL_SLACK * xg + 1e-6
+  return out
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--families", default="gemma1,gemma2,gemma3", help="comma-separated")
@@ -83,10 +140,22 @@ def main():
       rows.append(r)
       print(f"  {family}: logits {r['logits']:.2e}, loss {r['loss']:.2e}, grads {r['grads']:.2e}"
             f" {'ok' if r['ok'] else 'FAILED'}", flush=True)
+    kr = check_kernel(workdir)
+    print(f"  {kr['family']}: loss {kr['loss']:.2e} (xla {kr['xla_loss']:.2e}), grads "
+          f"{kr['grads']:.2e} (xla {kr['xla_grads']:.2e}) "
+          f"{'ok' if kr['ok'] else 'FAILED'}", flush=True)
   body = ["| family | logits (tol 1e-5) | loss (1e-5) | worst LoRA grad (1e-4) | |",
           "|---|---|---|---|---|"]
   body += [f"| {r['family']} | {r['logits']:.2e} | {r['loss']:.2e} | {r['grads']:.2e} | "
            f"{'ok' if r['ok'] else 'FAILED'} |" for r in rows]
+  body += ["", "The attention kernel and the XLA path, both with bfloat16 matmuls, against the "
+           "float32 XLA path (packed rows of 256): the kernel may be at most "
+           f"{KERNEL_SLACK:g}x as far as XLA is.", "",
+           "| kernel | loss | worst LoRA grad | XLA bfloat16: loss | worst LoRA grad | |",
+           "|---|---|---|---|---|---|",
+           f"| {kr['family']} | {kr['loss']:.2e} | {kr['grads']:.2e} | {kr['xla_loss']:.2e} | "
+           f"{kr['xla_grads']:.2e} | {'ok' if kr['ok'] else 'FAILED'} |"]
+  rows.append(kr)
   text = common.section(
       "gpu_numerics.py: tiny Gemma 1/2/3 against transformers + PEFT on the same device",
       f"float32, full-precision matmuls; JAX on {jax.devices()[0].device_kind}, torch on {device}",

@@ -16,6 +16,7 @@ def test_gpu_check_smoke_runs_every_stage(tmp_path):
   assert "FAILED" not in log and "resumed: ok" in log, log[-4000:]
   numerics = (tmp_path / "numerics.md").read_text()
   assert re.search(r"\| gemma2 \| \S+ \| \S+ \| \S+ \| ok \|", numerics), numerics
+  assert re.search(r"\| gemma3, cudnn \(XLA stand-in\)( \| \S+){4} \| ok \|", numerics), numerics
   train = (tmp_path / "train.log").read_text()
   assert "resuming from the step-2 checkpoint" in train, train[-3000:]
   step = (tmp_path / "step.md").read_text()
