@@ -166,8 +166,8 @@ def setup(args, workdir: str):
     if device == "cuda":
       try:  # torch's fastest Gemma 2 attention with the soft-cap: compiled flex attention
         hf = build_hf(cfg, device, os.path.join(workdir, "hf"), "flex_attention")
-        tokens = __import__("torch").zeros((1, 256), dtype=__import__("torch").long,
-                                           device=device)
+        import torch  # pylint: disable=g-import-not-at-top
+        tokens = torch.zeros((1, 256), dtype=torch.long, device=device)
         hf(input_ids=tokens).logits.float().sum().backward()
         hf.zero_grad(set_to_none=True)
         args.torch_attention = "flex_attention"

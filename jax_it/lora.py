@@ -218,10 +218,10 @@ def add_delta(y: jax.Array, x: jax.Array, proj: Projection, layer: LayerAdapter 
 
 @functools.partial(jax.jit, static_argnames=("proj", "scale"))
 def _fold(m, a, b, d, proj: Projection, scale: float):
-  """m / ||W + scale A B|| of every layer, one layer at a time."""
-  one = lambda i: weight_norm(  # noqa: E731
-      dense_weight(jax.tree.map(lambda x: x[i], d), proj), a[i], b[i], scale, proj)
-  return m.astype(jnp.float32) / jax.lax.map(one, jnp.arange(m.shape[0]))
+  """m / ||W + scale A B|| of every layer, one layer at a time (as _base_norms)."""
+  norms = jax.lax.map(lambda x: weight_norm(dense_weight(x[0], proj), x[1], x[2], scale, proj),
+                      (d, a, b))
+  return m.astype(jnp.float32) / norms
 
 
 def fold_norms(adapter: Lora | None, params: Params) -> Lora | None:
